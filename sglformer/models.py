@@ -1,0 +1,187 @@
+"""The SGLFormer networks (SPEC.md sections 3 and 4), built from :mod:`sglformer.layers`.
+
+Dataset folders declare the registered variants (``cifar10/model.py`` ...) through
+:func:`build_variant`; this module defines the networks themselves.
+"""
+import math
+from functools import partial
+
+from timm.layers import trunc_normal_
+from timm.models import register_model
+from torch import nn
+
+from .layers import GlobalBlock, ImageNetLocalStage, PatchEmbed, SpikingTransformer, conv3x3
+from .neuron import NEURON_BACKENDS, reset_neurons, set_neuron_backend
+
+# Constructor keywords of the authors' models that their code accepts and never uses, and timm's
+# own keywords for hub weights. Accepted so that the authors' calls and timm.create_model work.
+IGNORED_KWARGS = frozenset({
+    'qkv_bias', 'qk_scale', 'drop_rate', 'attn_drop_rate', 'drop_path_rate', 'norm_layer', 'sr_ratios',
+    'patch_size', 'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir',
+})
+
+
+class SpikingModel(nn.Module):
+    """Base of every SGLFormer: neurons are reset at the start of each forward, and the neuron
+    backend (``auto``, ``torch`` or ``cupy``) is resolved for the device of the input."""
+
+    def __init__(self, num_classes, num_features, neuron_backend='auto'):
+        super().__init__()
+        if neuron_backend not in NEURON_BACKENDS:
+            raise ValueError(f"neuron_backend must be one of {', '.join(NEURON_BACKENDS)}, got {neuron_backend!r}")
+        self.num_classes = num_classes
+        self.num_features = num_features
+        self.neuron_backend = neuron_backend
+        self._backend_device = None
+
+    def _new_head(self):
+        # Subclasses assign it last, where the authors' state dicts have it.
+        return nn.Linear(self.num_features, self.num_classes) if self.num_classes > 0 else nn.Identity()
+
+    def set_neuron_backend(self, backend):
+        """Choose ``auto``, ``torch`` or ``cupy``; it takes effect at the next forward."""
+        if backend not in NEURON_BACKENDS:
+            raise ValueError(f"neuron backend must be one of {', '.join(NEURON_BACKENDS)}, got {backend!r}")
+        self.neuron_backend = backend
+        self._backend_device = None
+
+    def reset_neurons(self):
+        reset_neurons(self)
+
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes):
+        self.num_classes = num_classes
+        self.head = self._new_head()
+        _init_weights(self.head)
+
+    def forward_head(self, features):
+        return self.head(features)
+
+    def forward(self, x):
+        if x.device != self._backend_device:
+            set_neuron_backend(self, self.neuron_backend, x.device)
+            self._backend_device = x.device
+        self.reset_neurons()
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_weights(module):
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _halved(size, times):
+    """Size after ``times`` MaxPool2d(3, 2, 1), each giving ceil(size / 2)."""
+    for _ in range(times):
+        size = math.ceil(size / 2)
+    return size
+
+
+class SGLFormer(SpikingModel):
+    """The CIFAR and DVS network (the authors' ``vit_snn``).
+
+    ``frame_input=False``: images ``[B, C, H, W]`` repeated over T steps (direct encoding);
+    ``frame_input=True``: event frames ``[B, T, C, H, W]``. ``tokenizer_stride`` is 1 for CIFAR
+    (H/4 x W/4 tokens) and 2 for DVS (H/16 x W/16).
+    """
+
+    def __init__(self, img_size_h=32, img_size_w=32, in_channels=3, num_classes=10, embed_dims=384,
+                 num_heads=16, mlp_ratios=4, depths=1, T=4, tokenizer_stride=1, frame_input=False,
+                 neuron_backend='auto'):
+        super().__init__(num_classes, embed_dims, neuron_backend)
+        dim = embed_dims
+        self.T = T
+        self.frame_input = frame_input
+        self.stem = nn.Module()
+        self.stem.conv = conv3x3(in_channels, dim // 6)
+        self.tokenizer = nn.Module()
+        self.tokenizer.conv1 = conv3x3(dim // 6, dim // 4, tokenizer_stride)
+        self.tokenizer.conv2 = conv3x3(dim // 4, dim // 2, tokenizer_stride)
+        self.tokenizer.conv3 = conv3x3(dim // 2, dim, 2)
+        self.tokenizer.conv4 = conv3x3(dim, dim, 2)
+        self.blocks = nn.Sequential(*[SpikingTransformer(dim, num_heads, mlp_ratios) for _ in range(depths)])
+        halvings = 2 + 2 * (tokenizer_stride == 2)
+        self.num_patches = _halved(img_size_h, halvings) * _halved(img_size_w, halvings)
+        # The STB head: one depth-wise kernel spanning all tokens and all time steps.
+        self.full_size_conv = nn.Conv2d(dim, dim, kernel_size=(self.num_patches, T), groups=dim)
+        self.bn = nn.BatchNorm2d(dim)
+        self.head = self._new_head()
+        self.apply(_init_weights)
+
+    def forward_features(self, x):
+        if self.frame_input:
+            x = x.transpose(0, 1)
+        else:
+            x = x.unsqueeze(0).repeat(self.T, 1, 1, 1, 1)
+        batch = x.shape[1]
+        x = self.stem.conv(x)
+        for conv in (self.tokenizer.conv1, self.tokenizer.conv2, self.tokenizer.conv3, self.tokenizer.conv4):
+            x = conv(x)
+        x = self.blocks(x).flatten(3).permute(1, 2, 3, 0)  # [B, C, N, T]
+        return self.bn(self.full_size_conv(x)).reshape(batch, -1)
+
+
+class SGLFormerImageNet(SpikingModel):
+    """The ImageNet networks ``sglformer_ima`` and ``sglformer_ima2`` (they differ in the tokenizer)."""
+
+    POOLED_STAGES = {'ima': (0, 1, 2, 3), 'ima2': (1, 2, 3, 4)}
+
+    def __init__(self, arch='ima', img_size_h=224, img_size_w=224, in_channels=3, num_classes=1000,
+                 embed_dims=512, num_heads=8, mlp_ratios=4, depths=8, T=4, neuron_backend='auto'):
+        super().__init__(num_classes, embed_dims, neuron_backend)
+        if arch not in self.POOLED_STAGES:
+            raise ValueError(f"arch must be one of {', '.join(self.POOLED_STAGES)}, got {arch!r}")
+        if depths < 2:
+            raise ValueError(f'depths counts the local stage and the global blocks and must be at least 2, got {depths}')
+        self.T = T
+        self.patch_embed = PatchEmbed(in_channels, embed_dims, self.POOLED_STAGES[arch], merged_first_lif=arch == 'ima2')
+        self.localblock = nn.ModuleList([ImageNetLocalStage(embed_dims, num_heads, mlp_ratios)])
+        self.blocks = nn.ModuleList([GlobalBlock(embed_dims, num_heads, mlp_ratios) for _ in range(depths - 2)])
+        self.head = self._new_head()
+        self.apply(_init_weights)
+
+    def forward_features(self, x):
+        x = self.patch_embed(x.unsqueeze(0).repeat(self.T, 1, 1, 1, 1))
+        for stage in self.localblock:
+            x = stage(x)
+        x = x.flatten(3)
+        for block in self.blocks:
+            x = block(x)
+        return x.mean(-1).mean(0)
+
+
+def build_variant(model_cls, defaults, pretrained=False, **kwargs):
+    """Build ``model_cls`` with a registered variant's ``defaults`` overridden by ``kwargs``.
+
+    ``kwargs`` use the authors' constructor names; their unused ones and timm's hub keywords are
+    dropped. There are no hosted weights: load a file with :func:`sglformer.load_checkpoint`.
+    """
+    if pretrained:
+        raise ValueError('SGLFormer weights are not downloaded automatically; build the model with '
+                         'pretrained=False and load a file with sglformer.load_checkpoint(model, path)')
+    args = dict(defaults)
+    args.update({k: v for k, v in kwargs.items() if k not in IGNORED_KWARGS})
+    return model_cls(**args)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+
+def register_variant(namespace, name, model_cls, defaults, doc):
+    """Define the timm entrypoint ``name`` in a folder's ``model.py`` (its ``globals()``) and register it."""
+    build = partial(build_variant, model_cls, defaults)
+
+    def entrypoint(pretrained=False, **kwargs):
+        return build(pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = namespace['__name__']
+    entrypoint.__doc__ = doc
+    namespace[name] = register_model(entrypoint)
+    return entrypoint

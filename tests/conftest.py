@@ -1,0 +1,37 @@
+"""Shared fixtures. Tests that need ../shared (goldens, manifests) skip with a reason where it is absent."""
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+import sglformer
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED = REPO_ROOT.parent / 'shared'
+
+# The registered model of each golden file's `arch`.
+GOLDEN_MODELS = {
+    'cifar10': 'sglformer_cifar10', 'cifar100': 'sglformer_cifar100',
+    'cifar10-dvs': 'sglformer_cifar10dvs', 'dvs128-gesture': 'sglformer_dvs128gesture',
+    'ima': 'sglformer_ima_8_384', 'ima2': 'sglformer_ima2_8_384',
+}
+
+
+def shared_files(folder, pattern):
+    """Files of ../shared/<folder> for parametrisation, or one skipped case saying why there are none."""
+    files = sorted((SHARED / folder).glob(pattern))
+    if not files:
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f'{SHARED / folder} is absent or empty'))]
+    return [pytest.param(f, id=f.stem) for f in files]
+
+
+@pytest.fixture(scope='session', autouse=True)
+def registered_variants():
+    logging.getLogger('sglformer').setLevel(logging.INFO)
+    return sglformer.load_variants()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
