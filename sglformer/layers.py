@@ -41,6 +41,21 @@ def spike_attention(q, k, v, num_heads):
     return out.reshape(steps, batch, channels, tokens)
 
 
+class SpikeAttention(nn.Module):
+    """:func:`spike_attention` as a parameter-free module, so that hooks (firing rates, energy) see
+    the attention products like any other layer."""
+
+    def __init__(self, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+
+    def forward(self, q, k, v):
+        return spike_attention(q, k, v, self.num_heads)
+
+    def extra_repr(self):
+        return f'num_heads={self.num_heads}'
+
+
 class ConvBNLIF(nn.Module):
     """Conv2d -> BatchNorm2d -> [MaxPool2d(3, 2, 1)] -> LIF on ``[T, B, C, H, W]``.
 
@@ -144,6 +159,7 @@ class SpikingSelfAttention(nn.Module):
         self.q_conv = conv1x1(dim, dim)
         self.k_conv = conv1x1(dim, dim)
         self.v_conv = conv1x1(dim, dim)
+        self.attention = SpikeAttention(num_heads)
         self.attn_lif = create_lif(ATTENTION_THRESHOLD)
         self.proj_conv = conv1x1(dim, dim)
 
@@ -152,7 +168,7 @@ class SpikingSelfAttention(nn.Module):
             x = partition(x, self.partition_size)
         shape = x.shape
         q, k, v = (conv(x).flatten(3) for conv in (self.q_conv, self.k_conv, self.v_conv))
-        y = self.attn_lif(spike_attention(q, k, v, self.num_heads))
+        y = self.attn_lif(self.attention(q, k, v))
         y = self.proj_conv(y.reshape(shape))
         if self.partition_size > 1:
             y = integrate(y, self.partition_size)
@@ -230,13 +246,14 @@ class TokenSelfAttention(nn.Module):
         self.num_heads = num_heads
         for name in ('q', 'k', 'v'):
             add_token_unit(self, name, dim, dim, bias=False)
+        self.attention = SpikeAttention(num_heads)
         self.attn_lif = create_lif(ATTENTION_THRESHOLD)
         add_token_unit(self, 'proj', dim, dim, bias=True)
         self.qkv_mp = nn.MaxPool1d(4)  # never used; kept so that printed models match the authors'
 
     def forward(self, x):
         q, k, v = (run_token_unit(self, name, x) for name in ('q', 'k', 'v'))
-        y = self.attn_lif(spike_attention(q, k, v, self.num_heads))
+        y = self.attn_lif(self.attention(q, k, v))
         return run_token_unit(self, 'proj', y, merged_time_steps=True)
 
 
