@@ -95,7 +95,8 @@ def load_state_dict(model, state_dict, strict=True, drop_mismatched_head=False, 
                                        ('unexpected', unexpected)) if keys]
         hint = ('; is it a checkpoint of another variant or size? Build the model with the same '
                 'arguments it was trained with')
-        if any(k.startswith(_classifier_name(model) + '.') for k in mismatched):
+        head_prefix = _classifier_name(model) + '.'
+        if mismatched and all(k.startswith(head_prefix) for k in mismatched) and not (missing or unexpected):
             hint += ', or drop the classifier head to fine-tune on another class count'
         raise CheckpointError(f'{source} does not fit {type(model).__name__}:\n  ' + '\n  '.join(problems) + hint)
     model.load_state_dict(state_dict, strict=False)
@@ -133,6 +134,9 @@ def save_checkpoint(obj, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     try:
         with os.fdopen(handle, 'wb') as f:
             torch.save(obj, f)
