@@ -201,10 +201,12 @@ def read_config_file(path):
     return values
 
 
-def parse_args(argv, default_config, description=None, defaults=None):
+def parse_args(argv, default_config, description=None, defaults=None, add_arguments=None):
     """Defaults of the option table, then ``defaults``, then the YAML file (``-c`` or
-    ``default_config``), then ``argv``."""
+    ``default_config``), then ``argv``. ``add_arguments(parser)`` adds a command's own flags."""
     parser = build_parser(description)
+    if add_arguments is not None:
+        add_arguments(parser)
     if defaults:
         parser.set_defaults(**defaults)
     pre, _ = parser.parse_known_args(argv)

@@ -22,6 +22,11 @@ def split_time(x, steps):
     return x.reshape(steps, -1, *x.shape[1:])
 
 
+def kv_first(head_dim, tokens):
+    """Whether :func:`spike_attention` computes ``kᵀ v`` first (the cheaper order for these sizes)."""
+    return head_dim <= tokens
+
+
 def spike_attention(q, k, v, num_heads):
     """Multi-head spiking attention without softmax: ``(q kᵀ) v * 0.125`` per head.
 
@@ -34,7 +39,7 @@ def spike_attention(q, k, v, num_heads):
     # Feature-major per head ([.., head_dim, tokens]); with it the output needs no transposes:
     # out = v @ kᵀ @ q in this layout equals (q kᵀ) v in the token-major one.
     q, k, v = (t.reshape(steps, batch, num_heads, head_dim, tokens) for t in (q, k, v))
-    if head_dim <= tokens:
+    if kv_first(head_dim, tokens):
         out = (v @ k.transpose(-2, -1) * ATTENTION_SCALE) @ q
     else:
         out = v @ (k.transpose(-2, -1) @ q * ATTENTION_SCALE)

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -28,14 +27,10 @@ from .distributed import barrier, init_distributed, shutdown
 from .logs import setup_logging
 from .neuron import NeuronBackendError
 from .run_folder import LAYOUTS, RunFolder, folder_name
-from .variants import load_variants
+from .variants import create_model
 
 _logger = logging.getLogger(__name__)
 
-# Options that map onto model constructor keywords (the authors' names); None leaves the variant's default.
-MODEL_KWARGS = {'time_step': 'T', 'layer': 'depths', 'dim': 'embed_dims', 'num_heads': 'num_heads',
-                'mlp_ratio': 'mlp_ratios', 'num_classes': 'num_classes', 'patch_size': 'patch_size',
-                'neuron_backend': 'neuron_backend'}
 EXPECTED_ERRORS = (ConfigError, DatasetError, CheckpointError, NeuronBackendError, engine.NonFiniteLossError)
 
 
@@ -63,18 +58,6 @@ def epoch_seed(args, epoch, rank):
     """Every random draw of an epoch follows from (seed, epoch, rank), so a resumed run repeats the
     augmentation, mixup and shuffling of an uninterrupted one without saving RNG states."""
     return args.seed * 1_000_003 + epoch * 1009 + rank
-
-
-def create_model_from_args(args):
-    kwargs = {kw: getattr(args, opt) for opt, kw in MODEL_KWARGS.items() if getattr(args, opt) is not None}
-    if args.img_size is not None:
-        kwargs.update(img_size_h=args.img_size, img_size_w=args.img_size)
-    try:
-        return timm.create_model(args.model, **kwargs)
-    except RuntimeError as exc:
-        if 'Unknown model' in str(exc):
-            raise ConfigError(f"unknown model {args.model!r}; registered: {', '.join(load_variants())}") from None
-        raise
 
 
 def run_folder_path(args):
@@ -150,9 +133,8 @@ def run(args):
     if args.amp and device.type != 'cuda':
         _logger.info('--amp applies to CUDA only; running in float32 on %s', device.type)
         args.amp = False
-    load_variants()
     seed_everything(args.seed)
-    model = create_model_from_args(args).to(device)
+    model = create_model(args).to(device)
     layout = LAYOUTS[args.checkpoint_format]
     if args.eval:
         return run_evaluation(args, model, device, dist)

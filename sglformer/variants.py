@@ -7,6 +7,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import timm
+
+from .config import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATASET_FOLDERS = ('cifar10', 'cifar100', 'cifar10-dvs', 'dvs128-gesture', 'imagenet')
 
@@ -39,3 +43,23 @@ def load_variants(folders=DATASET_FOLDERS):
         module = import_file(REPO_ROOT / folder / 'model.py')
         names.extend(module.__all__)
     return names
+
+
+# Options (sglformer.config) that map onto model constructor keywords (the authors' names).
+MODEL_OPTIONS = {'time_step': 'T', 'layer': 'depths', 'dim': 'embed_dims', 'num_heads': 'num_heads',
+                 'mlp_ratio': 'mlp_ratios', 'num_classes': 'num_classes', 'patch_size': 'patch_size',
+                 'neuron_backend': 'neuron_backend'}
+
+
+def create_model(args):
+    """The registered model ``args.model`` with the size options that are set (None keeps the variant's)."""
+    load_variants()
+    kwargs = {kw: getattr(args, opt) for opt, kw in MODEL_OPTIONS.items() if getattr(args, opt, None) is not None}
+    if getattr(args, 'img_size', None) is not None:
+        kwargs.update(img_size_h=args.img_size, img_size_w=args.img_size)
+    try:
+        return timm.create_model(args.model, **kwargs)
+    except RuntimeError as exc:
+        if 'Unknown model' in str(exc):
+            raise ConfigError(f"unknown model {args.model!r}; registered: {', '.join(load_variants())}") from None
+        raise
