@@ -139,6 +139,7 @@ class _RunsCode:
         return os.system, (f'touch {self.marker}',)
 
 
+@pytest.mark.filterwarnings('ignore:Detected pickle protocol')  # the plain pickle below is protocol 4
 def test_code_executing_pickle_is_refused_without_running(tmp_path, trained):
     marker = tmp_path / 'pwned'
     path = tmp_path / 'evil.pth'
