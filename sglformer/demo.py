@@ -6,6 +6,7 @@
    ``cifar10/train.py``'s code for a few epochs, then evaluates the best checkpoint.
 """
 import argparse
+import shutil
 from pathlib import Path
 
 from .data.cifar import write_synthetic_cifar
@@ -26,6 +27,7 @@ def main(argv=None):
     print(markdown_table(parameter_rows()), flush=True)
 
     folder = Path(args.folder)
+    shutil.rmtree(folder / 'runs', ignore_errors=True)  # the demo's own scratch runs, so that it can run again
     data = folder / 'data'
     write_synthetic_cifar(data, 'cifar10', train_per_class=40, test_per_class=10)
     config = str(REPO_ROOT / 'cifar10' / 'cifar10.yml')

@@ -3,7 +3,6 @@
 Tensors are time first: ``[T, B, C, H, W]`` for maps, ``[T, B, C, N]`` for token sequences.
 Attribute names are the authors' state-dict keys and must not change.
 """
-import torch
 from torch import nn
 
 from .neuron import create_lif

@@ -11,7 +11,8 @@ each other's files:
   test_acc5_at_max_test_acc1``.
 - ``mae`` (ImageNet): ``checkpoint-{epoch}.pth`` when accuracy improves within the last 20 epochs (as the
   authors keep) and ``checkpoint-last.pth`` every epoch; keys ``model, optimizer, epoch, scaler, args``
-  (plus ``max_accuracy``).
+  (plus ``max_accuracy``). Its ``log.txt`` uses the authors' names (``train_loss, train_lr, test_loss,
+  test_acc1, test_acc5, epoch, n_parameters``, ...).
 """
 import csv
 import datetime
@@ -38,6 +39,7 @@ class CheckpointLayout:
     best_window: int = None  # only epochs this close to the end may write `best`
     scaler_key: str = 'scaler'
     best_key: str = 'max_accuracy'
+    log_names: tuple = ()  # (ours, the authors') key pairs renamed in log.txt
 
     def container(self, model, optimizer, scheduler, scaler, epoch, args, best):
         """The checkpoint dict of this layout; ``best`` holds the best ``top1``/``top5`` so far."""
@@ -66,7 +68,9 @@ LAYOUTS = {
     'timm': CheckpointLayout('timm', 'last.pth.tar', 'model_best.pth.tar', numbered='checkpoint-{epoch}.pth.tar',
                              scaler_key='amp_scaler', best_key='metric'),
     'dvs': CheckpointLayout('dvs', 'checkpoint_latest.pth', 'checkpoint_max_test_acc1.pth', best_key='max_test_acc1'),
-    'mae': CheckpointLayout('mae', 'checkpoint-last.pth', 'checkpoint-{epoch}.pth', best_window=20),
+    'mae': CheckpointLayout('mae', 'checkpoint-last.pth', 'checkpoint-{epoch}.pth', best_window=20, log_names=(
+        ('lr', 'train_lr'), ('img_per_s', 'train_img_per_s'), ('grad_norm', 'train_grad_norm'),
+        ('eval_loss', 'test_loss'), ('eval_top1', 'test_acc1'), ('eval_top5', 'test_acc5'))),
 }
 
 
@@ -90,7 +94,7 @@ class RunFolder:
         path.mkdir(parents=True, exist_ok=True)
         (path / 'args.yaml').write_text(yaml.safe_dump(vars(args), sort_keys=True))
         from torch.utils.tensorboard import SummaryWriter  # slow to import; only the main process writes
-        return cls(path, layout, args.checkpoint_hist, SummaryWriter(log_dir=str(path)))
+        return cls(path, layout, args.checkpoint_hist, SummaryWriter(log_dir=str(args.log_dir or path)))
 
     @property
     def last(self):
@@ -118,8 +122,9 @@ class RunFolder:
             if new:
                 out.writeheader()
             out.writerow({k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
+        names = dict(self.layout.log_names)
         with open(self.path / 'log.txt', 'a') as f:
-            f.write(json.dumps(dict(row, **(extra or {}))) + '\n')
+            f.write(json.dumps({names.get(k, k): v for k, v in dict(row, **(extra or {})).items()}) + '\n')
         for key, value in row.items():
             if key != 'epoch':
                 self.writer.add_scalar(key, value, row['epoch'])

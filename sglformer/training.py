@@ -19,7 +19,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
-from . import engine
+from . import engine, optim
 from .checkpoint import CheckpointError, extract_state_dict, load_state_dict, read_checkpoint
 from .config import ConfigError, parse_args
 from .data import DatasetError, build_datasets, build_loader
@@ -65,7 +65,7 @@ def run_folder_path(args):
         return Path(args.output) / args.experiment
     if args.resume and not args.eval:
         return Path(args.resume).resolve().parent
-    return Path(args.output) / folder_name(args, ('eval-' if args.eval else '') + args.run_name)
+    return Path(args.output) / folder_name(args, ('eval-' if args.eval and args.run_name else '') + args.run_name)
 
 
 def build_mixup(args, num_classes):
@@ -84,11 +84,19 @@ def train_loss(args, mixup_fn):
     return nn.CrossEntropyLoss()
 
 
-def build_optimizer(args, model):
+def build_optimizer(args, model, world_size=1):
+    """``args.opt`` over timm's parameter groups, or :mod:`sglformer.optim`'s layer-decay groups when
+    ``layer_decay`` is set. Without ``lr``, ``blr`` sets it (and ``args.lr``) from the images per step."""
+    if args.lr is None and args.blr is not None:
+        images = args.batch_size * args.accum_iter * world_size
+        args.lr = optim.absolute_lr(args.blr, images)
+        _logger.info('lr %.3e: blr %.3e x %d images per optimiser step (batch size %d x accum_iter %d x %d '
+                     'processes) / 256', args.lr, args.blr, images, args.batch_size, args.accum_iter, world_size)
     if args.lr is None:
-        raise ConfigError('no learning rate: set lr in the YAML file or pass --lr')
+        raise ConfigError('no learning rate: set lr or blr in the YAML file or pass --lr or --blr')
+    params = model if args.layer_decay is None else optim.layer_decay_groups(model, args.weight_decay, args.layer_decay)
     extra = {k: v for k, v in (('eps', args.opt_eps), ('betas', args.opt_betas and tuple(args.opt_betas))) if v}
-    return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+    return create_optimizer_v2(params, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                momentum=args.momentum, **extra)
 
 
@@ -97,13 +105,32 @@ class Schedule:
     before each optimiser step where the schedule is per iteration (None otherwise)."""
 
     def __init__(self, args, optimizer):
+        if args.sched == 'halfcos':
+            self.scheduler, self.num_epochs = None, args.epochs
+            self.lr_at = optim.HalfCosine(optimizer, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
+            return
         self.scheduler, self.num_epochs = create_scheduler_v2(
             optimizer, sched=args.sched, num_epochs=args.epochs, cooldown_epochs=args.cooldown_epochs,
             min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs)
         self.lr_at = None
 
     def start_epoch(self, epoch):
-        self.scheduler.step(epoch)
+        if self.lr_at is not None:
+            self.lr_at(epoch)
+        else:
+            self.scheduler.step(epoch)
+
+
+def eval_batch_size(args, warn=True):
+    """The evaluation batch size per process, with a warning when it is not ``reference_eval_batch_size``
+    (set for models whose outputs depend on the other images of their batch)."""
+    size = args.val_batch_size or args.batch_size
+    if warn and args.reference_eval_batch_size and size != args.reference_eval_batch_size:
+        _logger.warning('evaluating with %d images per process: %s gives other outputs for other batch sizes '
+                        '(some of its neurons run across the images of a batch), and its reference results were '
+                        'measured with %d; pass --val-batch-size %d to reproduce them', size, args.model,
+                        args.reference_eval_batch_size, args.reference_eval_batch_size)
+    return size
 
 
 def accuracy_line(metrics):
@@ -140,6 +167,11 @@ def run(args):
         return run_evaluation(args, model, device, dist)
 
     checkpoint = read_checkpoint(args.resume) if args.resume else None
+    folder_path = run_folder_path(args)
+    if checkpoint is None and (folder_path / layout.last).exists():
+        raise ConfigError(f'{folder_path} already holds {layout.last} from an earlier run, which a new run would '
+                          f'overwrite: continue it with --resume {folder_path / layout.last}, or start a new run '
+                          'with --experiment NAME or another --output')
     if checkpoint is not None:
         load_state_dict(model, extract_state_dict(checkpoint, source=args.resume), source=args.resume)
     elif args.initial_checkpoint:
@@ -149,19 +181,22 @@ def run(args):
     train_set, eval_set = build_datasets(args)
     train_loader = build_loader(train_set, args.batch_size, args.workers, args.pin_mem, dist, training=True,
                                 seed=args.seed)
-    eval_loader = build_loader(eval_set, args.val_batch_size or args.batch_size, args.workers, args.pin_mem, dist,
+    eval_loader = build_loader(eval_set, eval_batch_size(args, dist.is_main), args.workers, args.pin_mem, dist,
                                training=False)
     mixup_fn = build_mixup(args, model.num_classes)
     loss_fn = train_loss(args, mixup_fn)
-    optimizer = build_optimizer(args, model)
+    optimizer = build_optimizer(args, model, dist.world_size)
     schedule = Schedule(args, optimizer)
     scaler = torch.amp.GradScaler('cuda') if args.amp else None
 
-    start_epoch, best = 0, None
+    start_epoch, best = args.start_epoch, None
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint['optimizer'])
         if scaler is not None and layout.scaler_key in checkpoint:
             scaler.load_state_dict(checkpoint[layout.scaler_key])
+        if args.start_epoch and args.start_epoch != checkpoint['epoch'] + 1:
+            _logger.warning('--start_epoch %d ignored: a resumed run continues after its checkpoint\'s epoch',
+                            args.start_epoch)
         start_epoch = checkpoint['epoch'] + 1
         best = layout.best_so_far(checkpoint)
         _logger.info('resumed from %s: continuing at epoch %d', args.resume, start_epoch)
@@ -170,7 +205,8 @@ def run(args):
     if dist.enabled:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
 
-    folder = RunFolder.create(run_folder_path(args), layout, args) if dist.is_main else None
+    n_parameters = sum(p.numel() for p in model.parameters())  # the frozen LayerNorms too, as the authors' count
+    folder = RunFolder.create(folder_path, layout, args) if dist.is_main else None
     if folder is not None:
         _logger.info('run folder %s; %d training and %d evaluation samples; %d epochs', folder.path, len(train_set),
                      len(eval_set), schedule.num_epochs)
@@ -191,7 +227,10 @@ def run(args):
             kept = (f'the last good checkpoint is {folder.last}' if folder is not None and folder.last.exists()
                     else 'no checkpoint had been written yet')
             raise engine.NonFiniteLossError(f'{exc}; training stopped, {kept}. Try a lower --lr or --no-amp') from None
-        eval_metrics = engine.evaluate(ddp_model, eval_loader, device, amp=args.amp, is_main=dist.is_main)
+        if dist.enabled:  # every process evaluates the model that rank 0 saves, with its BatchNorm statistics
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+        eval_metrics = engine.evaluate(model, eval_loader, device, amp=args.amp, is_main=dist.is_main)
         is_best = best is None or eval_metrics['top1'] > best['top1']
         if is_best:
             best = {'top1': eval_metrics['top1'], 'top5': eval_metrics['top5']}
@@ -201,7 +240,7 @@ def run(args):
             row = dict(epoch=epoch, train_loss=train_metrics['loss'], eval_loss=eval_metrics['loss'],
                        eval_top1=eval_metrics['top1'], eval_top5=eval_metrics['top5'], lr=train_metrics['lr'],
                        img_per_s=train_metrics['img_per_s'])
-            folder.log_epoch(row, {'grad_norm': train_metrics['grad_norm']})
+            folder.log_epoch(row, {'grad_norm': train_metrics['grad_norm'], 'n_parameters': n_parameters})
             _logger.info('epoch %d: train loss %.4f, eval loss %.4f, top-1 %.2f (best %.2f), top-5 %.2f', epoch,
                          row['train_loss'], row['eval_loss'], row['eval_top1'], best['top1'], row['eval_top5'])
         barrier()
@@ -216,7 +255,7 @@ def run_evaluation(args, model, device, dist):
         raise ConfigError('--eval needs weights: pass --resume PATH or --initial-checkpoint PATH')
     load_state_dict(model, extract_state_dict(read_checkpoint(path), source=path), source=path)
     _, eval_set = build_datasets(args, training=False)
-    loader = build_loader(eval_set, args.val_batch_size or args.batch_size, args.workers, args.pin_mem, dist,
+    loader = build_loader(eval_set, eval_batch_size(args, dist.is_main), args.workers, args.pin_mem, dist,
                           training=False)
     metrics = engine.evaluate(model, loader, device, amp=args.amp, is_main=dist.is_main)
     if dist.is_main:

@@ -1,4 +1,5 @@
 """Shared fixtures. Tests that need ../shared (goldens, manifests) skip with a reason where it is absent."""
+import contextlib
 import logging
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 import sglformer
+from sglformer import engine
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = REPO_ROOT.parent / 'shared'
@@ -35,3 +37,22 @@ def registered_variants():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@contextlib.contextmanager
+def crash_at_epoch(epoch):
+    """Within the block, training dies (KeyboardInterrupt) when it reaches ``epoch``, after the
+    checkpoints of the epochs before it were written: a simulated crash."""
+    real = engine.train_one_epoch
+
+    def crashing(*args, **kwargs):
+        if args[5] == epoch:
+            raise KeyboardInterrupt('simulated crash')
+        return real(*args, **kwargs)
+
+    engine.train_one_epoch = crashing
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        engine.train_one_epoch = real

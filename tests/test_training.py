@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, crash_at_epoch
 from sglformer import engine, training
 from sglformer.checkpoint import read_checkpoint
 from sglformer.config import parse_args
@@ -56,22 +56,13 @@ def test_short_run_writes_the_run_folder(tmp_path, cifar_roots, folder):
     assert last['state_dict']['head.weight'].shape[0] == (10 if folder == 'cifar10' else 100)
 
 
-def test_resume_equals_uninterrupted(tmp_path, cifar_roots, monkeypatch):
+def test_resume_equals_uninterrupted(tmp_path, cifar_roots):
     common = ['--data-dir', str(cifar_roots['cifar10']), *SMALL, '--epochs', '3', '--warmup-epochs', '1',
               '--cooldown-epochs', '1', '--output', str(tmp_path)]
     train('cifar10', *common, '--experiment', 'straight')
 
-    real_epoch = engine.train_one_epoch
-
-    def crash_at_epoch_2(*args, **kwargs):
-        if args[5] == 2:
-            raise KeyboardInterrupt('simulated crash')
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(engine, 'train_one_epoch', crash_at_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at_epoch(2):
         train('cifar10', *common, '--experiment', 'stopped')
-    monkeypatch.setattr(engine, 'train_one_epoch', real_epoch)
     assert read_checkpoint(tmp_path / 'stopped' / 'last.pth.tar')['epoch'] == 1
     train('cifar10', *common, '--resume', str(tmp_path / 'stopped' / 'last.pth.tar'))
 
@@ -170,6 +161,14 @@ def test_checkpoint_of_another_variant_is_a_clear_error(tmp_path, cifar_roots, t
     err = run_expecting_error(capsys, '--data-dir', str(cifar_roots['cifar10']), '--dim', '96', *SMALL[2:],
                               '--eval', '--resume', str(trained_run / 'last.pth.tar'), '--output', str(tmp_path))
     assert 'does not fit SGLFormer' in err and 'another shape' in err
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(cifar_roots, trained_run, capsys):
+    before = (trained_run / 'last.pth.tar').read_bytes()
+    err = run_expecting_error(capsys, '--data-dir', str(cifar_roots['cifar10']), *SMALL, '--epochs', '1',
+                              '--output', str(trained_run.parent), '--experiment', trained_run.name)
+    assert 'already holds last.pth.tar' in err and '--resume' in err
+    assert (trained_run / 'last.pth.tar').read_bytes() == before
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, cifar_roots, monkeypatch, capsys):

@@ -1,0 +1,311 @@
+"""The ImageNet script (imagenet/train.py) end to end on a tiny synthetic ImageFolder, and the recipe's
+pieces: learning rate from blr, half-cycle cosine per iteration, layer-decay groups, accumulation."""
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.transforms import ColorJitter
+
+from conftest import REPO_ROOT, crash_at_epoch
+from sglformer import engine, optim, training
+from sglformer.checkpoint import read_checkpoint
+from sglformer.config import parse_args
+from sglformer.data import ShardSampler, image_transforms
+
+CLASSES = ('n01440764', 'n01443537', 'n01484850', 'n01491361')
+TRAIN_PER_CLASS, VAL_PER_CLASS = 8, 3
+# A tiny sglformer_ima: 32x32 input, D=48, one local stage and one global block (with its frozen
+# LayerNorms, so that DDP without find_unused_parameters is exercised), T=1.
+SMALL = ['--model', 'sglformer_ima_8_384', '--dim', '48', '--num-heads', '4', '--layer', '3', '-T', '1',
+         '--input_size', '32', '--nb_classes', str(len(CLASSES)), '--num_workers', '0', '--no-pin_mem',
+         '--device', 'cpu', '--batch_size', '4', '--accum_iter', '2', '--warmup_epochs', '1']
+BLR, MIN_LR = 6e-4, 1e-6  # imagenet.yml
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """One intra-op thread: on a small machine shared with other work, more stall each tiny step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def data_path(tmp_path_factory):
+    """ImageNet's layout: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG, 40x48 JPEGs tinted by class."""
+    root = tmp_path_factory.mktemp('imagenet')
+    rng = np.random.default_rng(0)
+    for split, count in (('train', TRAIN_PER_CLASS), ('val', VAL_PER_CLASS)):
+        for label, wnid in enumerate(CLASSES):
+            folder = root / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 96, (40, 48, 3)) + np.array([40 * label, 160 - 40 * label, 80])
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f'{wnid}_{i}.JPEG')
+    return root
+
+
+def train(*flags):
+    """Run imagenet/train.py in this process, as its ``__main__`` does."""
+    return training.main(list(flags), default_config=REPO_ROOT / 'imagenet' / 'imagenet.yml',
+                         defaults={'model': 'sglformer_ima_8_512'})
+
+
+def log_lines(folder):
+    return [json.loads(line) for line in (folder / 'log.txt').read_text().splitlines()]
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory, data_path):
+    out = tmp_path_factory.mktemp('runs')
+    train('--data_path', str(data_path), *SMALL, '--epochs', '2', '--output_dir', str(out / 'run'),
+          '--log_dir', str(out / 'tb'))
+    return out
+
+
+def test_run_folder_in_the_authors_layout(trained_run):
+    run = trained_run / 'run'
+    names = {p.name for p in run.iterdir()}
+    assert {'args.yaml', 'log.txt', 'summary.csv', 'checkpoint-last.pth', 'checkpoint-0.pth'} <= names
+    assert not any(n.endswith('.tmp') for n in names)
+    assert any(p.name.startswith('events.out.tfevents') for p in (trained_run / 'tb').iterdir())  # --log_dir
+    lines = log_lines(run)
+    assert [line['epoch'] for line in lines] == [0, 1]
+    assert {'train_loss', 'train_lr', 'test_loss', 'test_acc1', 'test_acc5', 'epoch', 'n_parameters'} <= set(lines[0])
+    last = read_checkpoint(run / 'checkpoint-last.pth')
+    assert {'model', 'optimizer', 'epoch', 'args'} <= set(last) and last['epoch'] == 1
+    assert last['args'].lr == pytest.approx(BLR * 4 * 2 / 256)  # blr x batch x accum_iter x 1 process / 256
+    model = timm.create_model('sglformer_ima_8_384', embed_dims=48, num_heads=4, depths=3, T=1, num_classes=4)
+    assert lines[0]['n_parameters'] == sum(p.numel() for p in model.parameters())  # the paper's count
+    best = 1 if lines[1]['test_acc1'] > lines[0]['test_acc1'] else 0
+    assert (run / f'checkpoint-{best}.pth').exists()
+
+
+def test_eval_prints_the_line_writes_json_and_warns_about_the_batch_size(tmp_path, data_path, trained_run, capsys):
+    metrics = train('--data_path', str(data_path), *SMALL, '--eval', '--resume',
+                    str(trained_run / 'run' / 'checkpoint-last.pth'), '--output_dir', str(tmp_path))
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == (
+        f"* Acc@1 {metrics['top1']:.3f} Acc@5 {metrics['top5']:.3f} loss {metrics['loss']:.4f}")
+    saved = json.loads((tmp_path / 'eval.json').read_text())
+    assert saved['images'] == len(CLASSES) * VAL_PER_CLASS and saved['top1'] == metrics['top1']
+    assert 'evaluating with 4 images per process' in err and 'measured with 32' in err
+    last = log_lines(trained_run / 'run')[-1]
+    assert metrics['top1'] == last['test_acc1'] and metrics['loss'] == pytest.approx(last['test_loss'], rel=1e-9)
+
+    train('--data_path', str(data_path), *SMALL, '--eval', '--val-batch-size', '32', '--resume',
+          str(trained_run / 'run' / 'checkpoint-last.pth'), '--output_dir', str(tmp_path))
+    assert 'evaluating with' not in capsys.readouterr().err
+
+
+def test_optimizer_steps_once_per_accum_iter_at_the_scheduled_lr(tmp_path, data_path, monkeypatch):
+    steps = []
+    real_step = torch.optim.AdamW.step
+
+    def counting_step(self, *args, **kwargs):
+        steps.append([(group['lr'], group['lr_scale']) for group in self.param_groups])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, 'step', counting_step)
+    train('--data_path', str(data_path), *SMALL, '--epochs', '2', '--layer_decay', '0.5', '--output_dir',
+          str(tmp_path))
+    micro_batches = len(CLASSES) * TRAIN_PER_CLASS // 4
+    assert len(steps) == 2 * micro_batches // 2  # 2 epochs, one step per accum_iter = 2 micro-batches
+
+    lr = BLR * 4 * 2 / 256
+    for k, groups in enumerate(steps):
+        epoch = (2 * k) // micro_batches + (2 * k) % micro_batches / micro_batches  # set before micro-batch 2k
+        expected = lr * epoch if epoch < 1 else MIN_LR + (lr - MIN_LR) * 0.5 * (1 + math.cos(math.pi * (epoch - 1)))
+        for group_lr, scale in groups:
+            assert group_lr == pytest.approx(expected * scale, rel=1e-12), (k, epoch)
+    assert {scale for _, scale in steps[0]} == {1.0, 0.5, 0.25, 0.125}  # tokenizer, local stage, block, head
+
+
+def test_half_cosine_formula():
+    param = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{'params': [param], 'lr_scale': 0.5}])
+    schedule = optim.HalfCosine(opt, lr=1e-3, min_lr=1e-6, warmup_epochs=5, epochs=200)
+    assert schedule(0.0) == 0.0
+    assert schedule(2.5) == pytest.approx(5e-4) and opt.param_groups[0]['lr'] == pytest.approx(2.5e-4)
+    assert schedule(5.0) == pytest.approx(1e-3)
+    assert schedule(102.5) == pytest.approx((1e-3 + 1e-6) / 2)
+    assert schedule(200.0) == pytest.approx(1e-6)
+    assert optim.absolute_lr(6e-4, 32 * 2 * 8) == pytest.approx(1.2e-3)  # the paper's run: 8 processes
+
+
+def test_layer_decay_groups_of_sglformer_ima():
+    model = timm.create_model('sglformer_ima_8_384', embed_dims=48, num_heads=4, T=1)  # 6 global blocks
+    ids, last = optim.layer_ids(model)
+    assert last == 8
+    assert {ids[n] for n in ids if n.startswith('patch_embed.')} == {0}
+    assert {ids[n] for n in ids if n.startswith('localblock.')} == {1}
+    assert all(ids[n] == int(n.split('.')[1]) + 2 for n in ids if n.startswith('blocks.'))
+    assert ids['head.weight'] == ids['head.bias'] == 8
+
+    groups = optim.layer_decay_groups(model, weight_decay=0.05, layer_decay=0.75)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    grouped = [id(p) for g in groups for p in g['params']]
+    assert sorted(grouped) == sorted(trainable)  # each trainable parameter once; the frozen LayerNorms left out
+    assert not any(id(model.blocks[0].norm1.weight) == i for i in grouped)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in groups:
+        for p in group['params']:
+            name = names[id(p)]
+            assert group['lr_scale'] == pytest.approx(0.75 ** (8 - ids[name]))
+            assert group['weight_decay'] == (0.05 if p.ndim > 1 else 0.0), name
+    assert all(g['lr_scale'] == 1.0 for g in optim.layer_decay_groups(model, 0.05, 1.0))
+
+
+class CountingSync(nn.Module):
+    """A stand-in for DDP: counts the micro-batches run under ``no_sync``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.unsynced = module, 0
+
+    def forward(self, x):
+        return self.module(x)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.unsynced += 1
+        yield
+
+
+def test_accumulation_syncs_and_steps_only_on_the_last_micro_batch():
+    model = CountingSync(nn.Linear(3, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stepped = []
+    optimizer.register_step_post_hook(lambda *_: stepped.append(True))
+    loader = [(torch.randn(2, 3), torch.tensor([0, 1])) for _ in range(7)]
+    engine.train_one_epoch(model, loader, optimizer, nn.CrossEntropyLoss(), torch.device('cpu'), 0, 1,
+                           accum_iter=3, is_main=False)
+    assert len(stepped) == 3  # after micro-batches 3, 6 and the last, 7
+    assert model.unsynced == 4  # micro-batches 1, 2, 4, 5 skip the gradient all-reduce
+
+
+def test_resume_equals_uninterrupted(tmp_path, data_path):
+    common = ['--data_path', str(data_path), *SMALL, '--epochs', '2']
+    train(*common, '--output_dir', str(tmp_path / 'straight'))
+
+    with crash_at_epoch(1):
+        train(*common, '--output_dir', str(tmp_path / 'stopped'))
+    train(*common, '--resume', str(tmp_path / 'stopped' / 'checkpoint-last.pth'))
+
+    straight = read_checkpoint(tmp_path / 'straight' / 'checkpoint-last.pth')
+    resumed = read_checkpoint(tmp_path / 'stopped' / 'checkpoint-last.pth')
+    assert resumed['epoch'] == straight['epoch'] == 1
+    for key, value in straight['model'].items():
+        assert torch.equal(value, resumed['model'][key]), key
+    for a, b in zip(straight['optimizer']['state'].values(), resumed['optimizer']['state'].values()):
+        assert torch.equal(a['exp_avg'], b['exp_avg']) and torch.equal(a['exp_avg_sq'], b['exp_avg_sq'])
+    assert [line['epoch'] for line in log_lines(tmp_path / 'stopped')] == [0, 1]
+
+
+def test_start_epoch_without_resume_trains_the_remaining_epochs(tmp_path, data_path):
+    train('--data_path', str(data_path), *SMALL, '--epochs', '2', '--start_epoch', '1', '--output_dir', str(tmp_path))
+    assert [line['epoch'] for line in log_lines(tmp_path)] == [1]
+
+
+def test_transforms_of_the_recipe():
+    recipe = parse_args([], REPO_ROOT / 'imagenet' / 'imagenet.yml')
+    resize, crop = image_transforms(recipe, False).transforms[:2]
+    assert (resize.size, resize.interpolation.value, crop.size) == (256, 'bicubic', (224, 224))
+    train_steps = image_transforms(recipe, True).transforms
+    assert not any(isinstance(step, ColorJitter) for step in train_steps)  # color_jitter None, RandAugment on
+    erasing = train_steps[-1]
+    assert (erasing.probability, erasing.mode) == (0.25, 'pixel')
+    # timm's RandAugment asks for posterize with 0 bits at magnitude 10, which current Pillow refuses.
+    recipe.aa = 'rand-m10-mstd0-inc1'
+    rand_augment = next(step for step in image_transforms(recipe, True).transforms if hasattr(step, 'ops'))
+    op = next(op for op in rand_augment.ops if op.name == 'PosterizeIncreasing')
+    op.prob = 1.0
+    image = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    assert np.asarray(op(image)).max() == 0  # black, as with the Pillow of the authors' runs
+
+
+@pytest.mark.parametrize('length, world_size, batch_size', [(11, 2, 3), (50, 8, 4), (7, 3, 32), (64, 4, 16)])
+def test_evaluation_shards_hold_the_batches_of_one_process(length, world_size, batch_size):
+    """Each process evaluates whole batches of the one-process run, so an image meets the same other
+    images in its batch whatever the number of processes (the ImageNet models depend on them)."""
+    one_process = [list(range(i, min(i + batch_size, length))) for i in range(0, length, batch_size)]
+    batches = []
+    for rank in range(world_size):
+        shard = list(ShardSampler(length, rank, world_size, batch_size))
+        batches += [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]
+    assert sorted(batches) == one_process
+
+
+def test_missing_folder_says_what_goes_where(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train('--data_path', str(tmp_path / 'none'), *SMALL, '--epochs', '1', '--output_dir', str(tmp_path))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert 'train/<wnid>/*.JPEG' in err and 'val/<wnid>/*.JPEG' in err and '--data_path' in err
+
+
+def test_the_authors_flags_and_defaults():
+    flags = {  # the authors' flag: (its value, the option it sets, the parsed value)
+        '--batch_size': ('16', 'batch_size', 16), '--accum_iter': ('4', 'accum_iter', 4),
+        '--blr': ('1e-3', 'blr', 1e-3),
+        '--model': ('sglformer_ima2_8_384', 'model', 'sglformer_ima2_8_384'), '--input_size': ('192', 'img_size', 192),
+        '--epochs': ('10', 'epochs', 10), '--warmup_epochs': ('2', 'warmup_epochs', 2),
+        '--min_lr': ('1e-5', 'min_lr', 1e-5), '--weight_decay': ('0.1', 'weight_decay', 0.1),
+        '--layer_decay': ('0.65', 'layer_decay', 0.65), '--aa': ('rand-m7', 'aa', 'rand-m7'),
+        '--reprob': ('0.1', 'reprob', 0.1), '--remode': ('const', 'remode', 'const'), '--recount': ('2', 'recount', 2),
+        '--mixup': ('0.8', 'mixup', 0.8), '--cutmix': ('1.0', 'cutmix', 1.0), '--smoothing': ('0.2', 'smoothing', 0.2),
+        '--finetune': ('w.pth', 'initial_checkpoint', 'w.pth'), '--resume': ('r.pth', 'resume', 'r.pth'),
+        '--data_path': ('/d', 'data_dir', '/d'), '--nb_classes': ('100', 'num_classes', 100),
+        '--output_dir': ('o', 'output', 'o'), '--log_dir': ('l', 'log_dir', 'l'), '--num_workers': ('2', 'workers', 2),
+        '--seed': ('3', 'seed', 3), '--print_freq': ('7', 'log_interval', 7), '--clip_grad': ('1.5', 'clip_grad', 1.5),
+        '--start_epoch': ('4', 'start_epoch', 4), '--device': ('cpu', 'device', 'cpu'), '--dim': ('96', 'dim', 96),
+        '--num-heads': ('2', 'num_heads', 2), '--layer': ('4', 'layer', 4), '--mlp-ratio': ('2', 'mlp_ratio', 2.0),
+        '--time-step': ('2', 'time_step', 2), '--local-rank': ('0', 'local_rank', 0)}
+    switches = {'--eval': 'eval', '--dist_eval': 'dist_eval', '--pin_mem': 'pin_mem'}
+    argv = [item for flag, (value, _, _) in flags.items() for item in (flag, value)] + list(switches)
+    args = parse_args(argv + ['--no-amp'], REPO_ROOT / 'imagenet' / 'imagenet.yml')
+    for flag, (_, name, parsed) in flags.items():
+        assert getattr(args, name) == parsed, flag
+    assert all(getattr(args, name) is True for name in switches.values())
+
+    recipe = vars(parse_args([], REPO_ROOT / 'imagenet' / 'imagenet.yml'))
+    expected = dict(
+        batch_size=32, epochs=200, accum_iter=2, model='sglformer_ima_8_512', img_size=224, drop_path=0.1,
+        clip_grad=None, weight_decay=0.05, lr=None, blr=6e-4, layer_decay=1.0, min_lr=1e-6, warmup_epochs=5,
+        color_jitter=None, aa='rand-m9-mstd0.5-inc1', smoothing=0.1, reprob=0.25, remode='pixel', recount=1,
+        mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode='batch', num_classes=1000,
+        seed=0, checkpoint_format='mae', sched='halfcos', opt='adamw', amp=True, dataset='imagenet',
+        mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], crop_pct=0.875, interpolation='bicubic',
+        train_interpolation='bicubic', scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3], hflip=0.5, cooldown_epochs=0,
+        reference_eval_batch_size=32, workers=16, pin_mem=True)
+    assert {key: recipe[key] for key in expected} == expected
+
+
+def test_torchrun_two_processes(tmp_path, data_path):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29531',
+         str(REPO_ROOT / 'imagenet' / 'train.py'), '--data_path', str(data_path), *SMALL, '--epochs', '1',
+         '--val_batch_size', '8', '--dist_eval', '--output_dir', str(tmp_path / 'ddp')],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = log_lines(tmp_path / 'ddp')
+    assert len(lines) == 1 and lines[0]['epoch'] == 0  # written once, by rank 0
+    assert sum('epoch 0: train loss' in line for line in result.stderr.splitlines()) == 1
+    last = read_checkpoint(tmp_path / 'ddp' / 'checkpoint-last.pth')
+    assert last['args'].lr == pytest.approx(BLR * 4 * 2 * 2 / 256)  # two processes
+    # What the two processes evaluated (batches of 8 and 4, with rank 0's BatchNorm statistics, summed
+    # over both) is the one-process evaluation of the saved model.
+    single = train('--data_path', str(data_path), *SMALL, '--eval', '--val_batch_size', '8', '--resume',
+                   str(tmp_path / 'ddp' / 'checkpoint-last.pth'), '--output_dir', str(tmp_path / 'ev'))
+    assert single['top1'] == lines[0]['test_acc1'] and single['loss'] == pytest.approx(lines[0]['test_loss'], rel=1e-9)
