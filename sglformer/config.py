@@ -49,7 +49,10 @@ OPTIONS = (
     _opt('img_size', '--img-size', '--img_size', '--input-size', '--input_size', type=int,
          aliases=('input_size',), help='input height and width'),
     _opt('drop_path', '--drop-path', '--drop_path', type=float, help='accepted for the authors\' files; unused'),
-    _opt('neuron_backend', '--neuron-backend', '--neuron_backend', default='auto', choices=('auto', 'torch', 'cupy')),
+    _opt('neuron', '--neuron', default='auto', choices=('auto', 'spikingjelly', 'fused'),
+         help='LIF implementation; auto: spikingjelly with CuPy on CUDA where it works, fused otherwise'),
+    _opt('neuron_backend', '--neuron-backend', '--neuron_backend', default='auto', choices=('auto', 'torch', 'cupy'),
+         help="spikingjelly neurons' backend; auto: cupy on CUDA where it works, torch otherwise"),
     # data
     _opt('data_dir', '-data-dir', '--data-dir', '--data_dir', '--data-path', '--data_path', default='data',
          aliases=('data_path',), help='dataset folder'),

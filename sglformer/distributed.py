@@ -21,6 +21,10 @@ class DistInfo:
         return self.rank == 0
 
 
+def default_device():
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
 def init_distributed(device_type):
     """Join the process group that ``torchrun`` describes in the environment (nccl on CUDA, gloo
     on CPU); a plain ``python train.py`` is a group of one and needs no set-up."""

@@ -3,6 +3,7 @@
 Dataset folders declare the registered variants (``cifar10/model.py`` ...) through
 :func:`build_variant`; this module defines the networks themselves.
 """
+import contextlib
 import math
 from functools import partial
 
@@ -11,7 +12,8 @@ from timm.models import register_model
 from torch import nn
 
 from .layers import GlobalBlock, ImageNetLocalStage, PatchEmbed, SpikingTransformer, conv3x3
-from .neuron import NEURON_BACKENDS, reset_neurons, set_neuron_backend
+from .fused import compact_spike_saving
+from .neuron import NEURON_BACKENDS, neuron_implementation, reset_neurons, set_neuron_backend, use_neuron_implementation
 
 # Constructor keywords of the authors' models that their code accepts and never uses, and timm's
 # own keywords for hub weights. Accepted so that the authors' calls and timm.create_model work.
@@ -23,7 +25,12 @@ IGNORED_KWARGS = frozenset({
 
 class SpikingModel(nn.Module):
     """Base of every SGLFormer: neurons are reset at the start of each forward, and the neuron
-    backend (``auto``, ``torch`` or ``cupy``) is resolved for the device of the input."""
+    backend (``auto``, ``torch`` or ``cupy``) is resolved for the device of the input.
+
+    The neuron implementation (``spikingjelly`` or ``fused``, see :mod:`sglformer.neuron`) is chosen
+    with the ``neuron`` keyword of the subclasses or :meth:`set_neuron`. With fused neurons the forward
+    runs inside :func:`sglformer.fused.compact_spike_saving`.
+    """
 
     def __init__(self, num_classes, num_features, neuron_backend='auto'):
         super().__init__()
@@ -45,6 +52,16 @@ class SpikingModel(nn.Module):
         self.neuron_backend = backend
         self._backend_device = None
 
+    def set_neuron(self, implementation):
+        """Switch every neuron to ``spikingjelly`` or ``fused`` in place (same numbers, same state dict)."""
+        use_neuron_implementation(self, implementation)
+        self._backend_device = None
+
+    @property
+    def neuron(self):
+        """The neuron implementation in use: ``spikingjelly``, ``fused`` or ``mixed``."""
+        return neuron_implementation(self)
+
     def reset_neurons(self):
         reset_neurons(self)
 
@@ -64,7 +81,9 @@ class SpikingModel(nn.Module):
             set_neuron_backend(self, self.neuron_backend, x.device)
             self._backend_device = x.device
         self.reset_neurons()
-        return self.forward_head(self.forward_features(x))
+        saving = compact_spike_saving() if self.neuron != 'spikingjelly' else contextlib.nullcontext()
+        with saving:
+            return self.forward_head(self.forward_features(x))
 
 
 def _init_weights(module):
@@ -91,7 +110,7 @@ class SGLFormer(SpikingModel):
 
     def __init__(self, img_size_h=32, img_size_w=32, in_channels=3, num_classes=10, embed_dims=384,
                  num_heads=16, mlp_ratios=4, depths=1, T=4, tokenizer_stride=1, frame_input=False,
-                 neuron_backend='auto'):
+                 neuron_backend='auto', neuron='spikingjelly'):
         super().__init__(num_classes, embed_dims, neuron_backend)
         dim = embed_dims
         self.T = T
@@ -111,6 +130,7 @@ class SGLFormer(SpikingModel):
         self.bn = nn.BatchNorm2d(dim)
         self.head = self._new_head()
         self.apply(_init_weights)
+        self.set_neuron(neuron)
 
     def forward_features(self, x):
         if self.frame_input:
@@ -131,7 +151,8 @@ class SGLFormerImageNet(SpikingModel):
     POOLED_STAGES = {'ima': (0, 1, 2, 3), 'ima2': (1, 2, 3, 4)}
 
     def __init__(self, arch='ima', img_size_h=224, img_size_w=224, in_channels=3, num_classes=1000,
-                 embed_dims=512, num_heads=8, mlp_ratios=4, depths=8, T=4, neuron_backend='auto'):
+                 embed_dims=512, num_heads=8, mlp_ratios=4, depths=8, T=4, neuron_backend='auto',
+                 neuron='spikingjelly'):
         super().__init__(num_classes, embed_dims, neuron_backend)
         if arch not in self.POOLED_STAGES:
             raise ValueError(f"arch must be one of {', '.join(self.POOLED_STAGES)}, got {arch!r}")
@@ -143,6 +164,7 @@ class SGLFormerImageNet(SpikingModel):
         self.blocks = nn.ModuleList([GlobalBlock(embed_dims, num_heads, mlp_ratios) for _ in range(depths - 2)])
         self.head = self._new_head()
         self.apply(_init_weights)
+        self.set_neuron(neuron)
 
     def forward_features(self, x):
         x = self.patch_embed(x.unsqueeze(0).repeat(self.T, 1, 1, 1, 1))

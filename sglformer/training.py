@@ -23,7 +23,7 @@ from . import engine, optim
 from .checkpoint import CheckpointError, extract_state_dict, load_state_dict, read_checkpoint
 from .config import ConfigError, parse_args
 from .data import DatasetError, build_datasets, build_loader
-from .distributed import barrier, init_distributed, shutdown
+from .distributed import barrier, default_device, init_distributed, shutdown
 from .logs import setup_logging
 from .neuron import NeuronBackendError
 from .run_folder import LAYOUTS, RunFolder, folder_name
@@ -32,10 +32,6 @@ from .variants import create_model
 _logger = logging.getLogger(__name__)
 
 EXPECTED_ERRORS = (ConfigError, DatasetError, CheckpointError, NeuronBackendError, engine.NonFiniteLossError)
-
-
-def default_device():
-    return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
 def resolve_device(requested, dist):
@@ -162,6 +158,7 @@ def run(args):
         args.amp = False
     seed_everything(args.seed)
     model = create_model(args).to(device)
+    args.neuron = model.neuron  # args.yaml and checkpoints record what 'auto' chose
     layout = LAYOUTS[args.checkpoint_format]
     if args.eval:
         return run_evaluation(args, model, device, dist)

@@ -10,6 +10,8 @@ from pathlib import Path
 import timm
 
 from .config import ConfigError
+from .distributed import default_device
+from .neuron import resolve_implementation
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATASET_FOLDERS = ('cifar10', 'cifar100', 'cifar10-dvs', 'dvs128-gesture', 'imagenet')
@@ -48,7 +50,7 @@ def load_variants(folders=DATASET_FOLDERS):
 # Options (sglformer.config) that map onto model constructor keywords (the authors' names).
 MODEL_OPTIONS = {'time_step': 'T', 'layer': 'depths', 'dim': 'embed_dims', 'num_heads': 'num_heads',
                  'mlp_ratio': 'mlp_ratios', 'num_classes': 'num_classes', 'patch_size': 'patch_size',
-                 'neuron_backend': 'neuron_backend'}
+                 'neuron': 'neuron', 'neuron_backend': 'neuron_backend'}
 
 
 def create_model(args):
@@ -57,6 +59,8 @@ def create_model(args):
     kwargs = {kw: getattr(args, opt) for opt, kw in MODEL_OPTIONS.items() if getattr(args, opt, None) is not None}
     if getattr(args, 'img_size', None) is not None:
         kwargs.update(img_size_h=args.img_size, img_size_w=args.img_size)
+    if 'neuron' in kwargs:
+        kwargs['neuron'] = resolve_implementation(kwargs['neuron'], getattr(args, 'device', None) or default_device())
     try:
         return timm.create_model(args.model, **kwargs)
     except RuntimeError as exc:

@@ -1,4 +1,9 @@
-"""The models against the authors' numbers (goldens) and state-dict layouts (manifests)."""
+"""The models against the authors' numbers (goldens) and state-dict layouts (manifests).
+
+The goldens run on the CPU; ``SGLFORMER_TEST_DEVICE=cuda`` runs them on a GPU (TF32 off), where the
+CuPy neuron kernels are tested too.
+"""
+import os
 import re
 
 import pytest
@@ -15,22 +20,34 @@ from conftest import GOLDEN_MODELS, shared_files
 OUTPUT_TOL = 1e-5
 GRAD_TOL = 1e-4
 
+DEVICE = torch.device(os.environ.get('SGLFORMER_TEST_DEVICE', 'cpu'))
+if DEVICE.type == 'cuda':
+    torch.backends.cudnn.allow_tf32 = False
+# (neuron implementation, spikingjelly backend) for the goldens: every implementation must match them.
+NEURONS = [pytest.param('spikingjelly', 'torch', id='spikingjelly'), pytest.param('fused', 'auto', id='fused')]
+if DEVICE.type == 'cuda':
+    NEURONS.append(pytest.param('spikingjelly', 'cupy', id='cupy'))
+
 
 def relative_error(actual, reference):
+    actual = actual.detach().cpu()
     return ((actual.double() - reference.double()).abs().max() / max(1.0, reference.abs().max().item())).item()
 
 
+@pytest.mark.parametrize('neuron, backend', NEURONS)
 @pytest.mark.parametrize('path', shared_files('golden', '*.pt'))
-def test_golden(path):
+def test_golden(path, neuron, backend):
     golden = torch.load(path, weights_only=True)
-    model = timm.create_model(GOLDEN_MODELS[golden['arch']], **golden['kwargs'])
+    model = timm.create_model(GOLDEN_MODELS[golden['arch']], neuron=neuron, neuron_backend=backend, **golden['kwargs'])
     model.load_state_dict(golden['state_dict'], strict=True)
     assert sglformer.count_parameters(model) == golden['n_params']
+    model.to(DEVICE)
+    inputs = golden['input'].to(DEVICE)
 
     model.train()
-    out = model(golden['input'])
+    out = model(inputs)
     assert relative_error(out, golden['out_train']) <= OUTPUT_TOL
-    (out * golden['loss_weight']).sum().backward()
+    (out * golden['loss_weight'].to(DEVICE)).sum().backward()
     params = dict(model.named_parameters())
     with_grad = {name for name, p in params.items() if p.grad is not None}
     assert with_grad == set(golden['grads'])
@@ -42,7 +59,7 @@ def test_golden(path):
 
     model.eval()
     with torch.no_grad():
-        assert relative_error(model(golden['input']), golden['out_eval']) <= OUTPUT_TOL
+        assert relative_error(model(inputs), golden['out_eval']) <= OUTPUT_TOL
 
 
 def manifest_model(path):
@@ -158,7 +175,7 @@ def test_heads_must_divide_dim():
 
 
 def test_parameter_table():
-    from sglformer.params import main, parameter_rows
+    from sglformer.params import parameter_rows
     rows = {(r['variant'], r['T']): r for r in parameter_rows()}
     assert rows['sglformer_cifar10', 4]['params'] == 8_852_874
     assert rows['sglformer_cifar10dvs', 10]['params'] == 4_066_130

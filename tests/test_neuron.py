@@ -59,3 +59,20 @@ def test_model_resolves_backend_from_its_input(caplog):
         model(torch.rand(1, 3, 32, 32))
     with pytest.raises(ValueError):
         model.set_neuron_backend('fast')
+
+
+def test_auto_implementation_is_fused_on_cpu():
+    from sglformer.neuron import resolve_implementation
+    assert resolve_implementation('auto', torch.device('cpu')) == 'fused'
+    assert resolve_implementation('spikingjelly', torch.device('cpu')) == 'spikingjelly'
+    with pytest.raises(ValueError, match='spikingjelly, fused'):
+        resolve_implementation('fast', torch.device('cpu'))
+
+
+def test_training_options_choose_the_neuron():
+    import argparse
+
+    from sglformer.variants import create_model
+    base = dict(model='sglformer_cifar10', dim=48, num_heads=4, time_step=1, device='cpu')
+    assert create_model(argparse.Namespace(**base, neuron='auto')).neuron == 'fused'
+    assert create_model(argparse.Namespace(**base, neuron='spikingjelly')).neuron == 'spikingjelly'

@@ -50,6 +50,7 @@ def test_short_run_writes_the_run_folder(tmp_path, cifar_roots, folder):
     assert [r.split(',')[0] for r in rows[1:]] == ['0', '1', '2']
     saved = yaml.safe_load((run / 'args.yaml').read_text())
     assert saved['model'] == FOLDERS[folder] and saved['dim'] == 48
+    assert saved['neuron'] == 'fused'  # what --neuron auto takes on the CPU
     last = read_checkpoint(run / 'last.pth.tar')
     assert {'epoch', 'arch', 'state_dict', 'optimizer', 'version', 'args', 'metric'} <= set(last)
     assert last['epoch'] == 2 and isinstance(last['args'], argparse.Namespace)
