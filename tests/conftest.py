@@ -7,10 +7,16 @@ import pytest
 import torch
 
 import sglformer
-from sglformer import engine
+from sglformer import engine, training
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = REPO_ROOT.parent / 'shared'
+
+# The model each dataset folder's train.py trains by default.
+FOLDER_MODELS = {
+    'cifar10': 'sglformer_cifar10', 'cifar100': 'sglformer_cifar100', 'cifar10-dvs': 'sglformer_cifar10dvs',
+    'dvs128-gesture': 'sglformer_dvs128gesture', 'imagenet': 'sglformer_ima_8_512',
+}
 
 # The registered model of each golden file's `arch`.
 GOLDEN_MODELS = {
@@ -56,3 +62,9 @@ def crash_at_epoch(epoch):
             yield
     finally:
         engine.train_one_epoch = real
+
+
+def train_script(folder, *flags):
+    """Run ``<folder>/train.py`` in this process, as its ``__main__`` does."""
+    return training.main(list(flags), default_config=REPO_ROOT / folder / f'{folder}.yml',
+                         defaults={'model': FOLDER_MODELS[folder]})

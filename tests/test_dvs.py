@@ -14,7 +14,8 @@ import pytest
 import torch
 from spikingjelly.datasets import cifar10_dvs
 
-from conftest import REPO_ROOT, crash_at_epoch
+from conftest import FOLDER_MODELS, REPO_ROOT, crash_at_epoch
+from conftest import train_script as train
 from sglformer import augment, training
 from sglformer.augment import OPERATIONS, EventAugment, apply_operation
 from sglformer.checkpoint import read_checkpoint
@@ -22,7 +23,6 @@ from sglformer.config import parse_args
 from sglformer.data import build_datasets
 from sglformer.data.dvs import per_class_split, read_cifar10_dvs_events
 
-FOLDERS = {'cifar10-dvs': 'sglformer_cifar10dvs', 'dvs128-gesture': 'sglformer_dvs128gesture'}
 SMALL = ['--dim', '48', '--num-heads', '4', '--T', '2', '-b', '2', '-j', '0', '--img-size', '128',
          '--warmup-epochs', '0', '--cooldown-epochs', '0', '--device', 'cpu']
 CIFAR_CLASSES = {'airplane': 11, 'cat': 12}  # 90% rounded up: 10 + 11 training samples, 1 + 1 test samples
@@ -68,12 +68,6 @@ def roots(tmp_path_factory):
 
 def args_for(folder, root, *flags):
     return parse_args(['--data-path', str(root), *SMALL, *flags], REPO_ROOT / folder / f'{folder}.yml')
-
-
-def train(folder, *flags):
-    """Run ``<folder>/train.py`` in this process, as its ``__main__`` does."""
-    return training.main(list(flags), default_config=REPO_ROOT / folder / f'{folder}.yml',
-                         defaults={'model': FOLDERS[folder]})
 
 
 def test_per_class_split_takes_the_first_90_percent_rounded_up():
@@ -203,7 +197,7 @@ def test_yaml_holds_the_recipe_and_the_authors_flags_work(folder):
     assert (args.device, args.dim, args.num_heads, args.layer, args.mlp_ratio) == ('cpu', 64, 8, 2, 2.0)
     assert parse_args(['--T-train', '4', '--amp', '--eval'], config).T_train == 4
     name = training.run_folder_path(parse_args(['--T', '16'], config))
-    assert name.as_posix() == f'logs/{FOLDERS[folder]}_b16_T16/lr0.005'
+    assert name.as_posix() == f'logs/{FOLDER_MODELS[folder]}_b16_T16/lr0.005'
 
 
 @pytest.fixture(scope='module')

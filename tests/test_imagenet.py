@@ -15,8 +15,8 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import ColorJitter
 
-from conftest import REPO_ROOT, crash_at_epoch
-from sglformer import engine, optim, training
+from conftest import REPO_ROOT, crash_at_epoch, train_script
+from sglformer import engine, optim
 from sglformer.checkpoint import read_checkpoint
 from sglformer.config import parse_args
 from sglformer.data import ShardSampler, image_transforms
@@ -56,9 +56,7 @@ def data_path(tmp_path_factory):
 
 
 def train(*flags):
-    """Run imagenet/train.py in this process, as its ``__main__`` does."""
-    return training.main(list(flags), default_config=REPO_ROOT / 'imagenet' / 'imagenet.yml',
-                         defaults={'model': 'sglformer_ima_8_512'})
+    return train_script('imagenet', *flags)
 
 
 def log_lines(folder):

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT, crash_at_epoch
+from conftest import FOLDER_MODELS, REPO_ROOT, crash_at_epoch
+from conftest import train_script as train
 from sglformer import engine, training
 from sglformer.checkpoint import read_checkpoint
 from sglformer.config import parse_args
@@ -17,7 +18,6 @@ from sglformer.data.cifar import write_synthetic_cifar
 
 SMALL = ['--dim', '48', '--num-heads', '4', '-T', '1', '--workers', '0', '--no-download', '-b', '16', '-vb', '25',
          '--cooldown-epochs', '0', '--warmup-epochs', '0']
-FOLDERS = {'cifar10': 'sglformer_cifar10', 'cifar100': 'sglformer_cifar100'}
 
 
 @pytest.fixture(scope='module')
@@ -26,12 +26,6 @@ def cifar_roots(tmp_path_factory):
     write_synthetic_cifar(root / 'c10', 'cifar10', train_per_class=4, test_per_class=2)
     write_synthetic_cifar(root / 'c100', 'cifar100', train_per_class=1, test_per_class=1)
     return {'cifar10': root / 'c10', 'cifar100': root / 'c100'}
-
-
-def train(folder, *flags):
-    """Run ``<folder>/train.py`` in this process, as its ``__main__`` does."""
-    return training.main(list(flags), default_config=REPO_ROOT / folder / f'{folder}.yml',
-                         defaults={'model': FOLDERS[folder]})
 
 
 @pytest.mark.parametrize('folder', ['cifar10', 'cifar100'])
@@ -49,7 +43,7 @@ def test_short_run_writes_the_run_folder(tmp_path, cifar_roots, folder):
     assert rows[0] == 'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr,img_per_s'
     assert [r.split(',')[0] for r in rows[1:]] == ['0', '1', '2']
     saved = yaml.safe_load((run / 'args.yaml').read_text())
-    assert saved['model'] == FOLDERS[folder] and saved['dim'] == 48
+    assert saved['model'] == FOLDER_MODELS[folder] and saved['dim'] == 48
     assert saved['neuron'] == 'fused'  # what --neuron auto takes on the CPU
     last = read_checkpoint(run / 'last.pth.tar')
     assert {'epoch', 'arch', 'state_dict', 'optimizer', 'version', 'args', 'metric'} <= set(last)
