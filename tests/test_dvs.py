@@ -301,6 +301,26 @@ def test_dvs128_splits_with_other_classes_are_an_error(tmp_path, capsys):
     assert 'train/ and test/ hold different class folders (0, 1 and 0)' in err
 
 
+def test_samples_that_spikingjelly_threads_drop_are_integrated_again(roots, tmp_path, monkeypatch):
+    """spikingjelly's integration threads swallow exceptions (seen: numpy's header parser failing under
+    threads on CPython 3.11.7); the missing frames are made afterwards, and the dataset lists them."""
+    import spikingjelly.datasets as sj_datasets
+    real = sj_datasets.integrate_events_file_to_frames_file_by_fixed_frames_number
+    dropped = []
+
+    def drops_the_first(loader, events_np_file, *args, **kwargs):
+        if not dropped:
+            dropped.append(events_np_file)
+            raise SystemError('AST constructor recursion depth mismatch')
+        return real(loader, events_np_file, *args, **kwargs)
+
+    monkeypatch.setattr(sj_datasets, 'integrate_events_file_to_frames_file_by_fixed_frames_number', drops_the_first)
+    root = tmp_path / 'copy'
+    shutil.copytree(roots['cifar10-dvs'] / 'events_np', root / 'events_np')
+    train_set, test_set = build_datasets(args_for('cifar10-dvs', root))
+    assert dropped and (len(train_set), len(test_set)) == (21, 2)
+
+
 def test_partial_frames_folder_is_an_error(roots, tmp_path, capsys):
     root = tmp_path / 'copy'
     shutil.copytree(roots['cifar10-dvs'] / 'events_np', root / 'events_np')

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from spikingjelly.datasets import integrate_events_file_to_frames_file_by_fixed_frames_number
 from torchvision.datasets.utils import check_integrity, extract_archive
 
 from ..augment import EventAugment
@@ -220,6 +221,12 @@ def _frame_datasets(root, info, frames_number):
     try:
         with contextlib.redirect_stdout(captured):
             bases = {split: spikingjelly_class(str(root), **options, **train) for split, train in splits.items()}
+            if integrate and _missing_frames(events, frames):
+                # spikingjelly's integration threads drop their exceptions, and numpy's header parser
+                # (ast.literal_eval) fails now and then when threads call it together on CPython 3.11.7:
+                # integrate what is missing here, one file at a time, and list the files again.
+                _integrate_one_by_one(spikingjelly_class, events, frames, frames_number)
+                bases = {split: spikingjelly_class(str(root), **options, **train) for split, train in splits.items()}
     except (OSError, NotImplementedError) as exc:
         _check_frames(events, frames)
         raise DatasetError(f'spikingjelly could not read {info.title} under {root}: {exc}') from None
@@ -369,13 +376,27 @@ def _header_length(data):
     return offset
 
 
+def _missing_frames(events, frames):
+    """Samples of events_np (paths relative to it) without a frames file."""
+    expected = {path.relative_to(events) for path in events.rglob('*.npz')} if events.is_dir() else set()
+    present = {path.relative_to(frames) for path in frames.rglob('*.npz')} if frames.is_dir() else set()
+    return sorted(expected - present)
+
+
+def _integrate_one_by_one(spikingjelly_class, events, frames, frames_number):
+    height, width = spikingjelly_class.get_H_W()
+    for sample in _missing_frames(events, frames):
+        integrate_events_file_to_frames_file_by_fixed_frames_number(
+            spikingjelly_class.load_events_np, str(events / sample), str((frames / sample).parent), 'number',
+            frames_number, height, width)
+
+
 def _check_frames(events, frames):
     """Every sample of events_np has its frames file (spikingjelly's integration threads drop errors,
     and an interrupted run leaves a partial folder)."""
-    expected = {path.relative_to(events) for path in events.rglob('*.npz')} if events.is_dir() else set()
-    present = {path.relative_to(frames) for path in frames.rglob('*.npz')} if frames.is_dir() else set()
-    missing = sorted(expected - present)
+    missing = _missing_frames(events, frames)
     if missing:
-        raise DatasetError(f'{frames} holds the frames of {len(expected) - len(missing)} of the {len(expected)} '
+        total = sum(1 for _ in events.rglob('*.npz'))
+        raise DatasetError(f'{frames} holds the frames of {total - len(missing)} of the {total} '
                            f'samples in {events} (missing: {missing[0]}, ...): an earlier integration was interrupted '
                            f'or failed. Delete {frames}; the next run integrates the events again')
