@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import load_checkpoint
 from .config import ConfigError
 from .config import parse_args as parse_options
+from .distributed import default_device
 from .data import build_datasets
 from .layers import SpikeAttention, kv_first
 from .logs import setup_logging
@@ -415,7 +416,7 @@ def main(argv=None):
 
 
 def report_energy(args):
-    model = create_model(args).to(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    model = create_model(args).to(args.device or default_device())
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
         _logger.info('loaded %s', args.checkpoint)

@@ -40,6 +40,7 @@ class SpikingModel(nn.Module):
         self.num_features = num_features
         self.neuron_backend = neuron_backend
         self._backend_device = None
+        self._compact_spikes = False
 
     def _new_head(self):
         # Subclasses assign it last, where the authors' state dicts have it.
@@ -78,11 +79,12 @@ class SpikingModel(nn.Module):
 
     def forward(self, x):
         if x.device != self._backend_device:
+            # Resolved once per device and after set_neuron/set_neuron_backend, not on every forward.
             set_neuron_backend(self, self.neuron_backend, x.device)
             self._backend_device = x.device
+            self._compact_spikes = self.neuron != 'spikingjelly'
         self.reset_neurons()
-        saving = compact_spike_saving() if self.neuron != 'spikingjelly' else contextlib.nullcontext()
-        with saving:
+        with compact_spike_saving() if self._compact_spikes else contextlib.nullcontext():
             return self.forward_head(self.forward_features(x))
 
 
