@@ -1,25 +1,34 @@
-# `make test` and `make demo` set everything up on a fresh machine: a virtual environment in .venv
-# with requirements.txt and this package installed (editable), then the tests or the demo.
+# `make test` and `make demo` set everything up on a fresh machine. `make test` builds two virtual
+# environments, one per supported spikingjelly stack, and runs the whole suite in each:
+#   .venv      requirements.txt       (the reference stack, spikingjelly 0.0.0.0.14)
+#   .venv-sj2  requirements-sj2.txt   (spikingjelly 2.x)
+# `make test-ref` / `make test-sj2` run one of them; `make demo` uses .venv.
 PYTHON ?= python3
-VENV ?= .venv
-PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+PYTEST_ARGS ?= -q
 
-.PHONY: test demo install clean
+.PHONY: test test-ref test-sj2 demo install clean
 
-install: $(STAMP)
+test: test-ref test-sj2
 
-$(STAMP): requirements.txt pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+install: .venv/.installed
+
+.venv/.installed: requirements.txt requirements-common.txt pyproject.toml
+.venv-sj2/.installed: requirements-sj2.txt requirements-common.txt pyproject.toml
+
+%/.installed:
+	test -x $*/bin/python || $(PYTHON) -m venv $*
+	$*/bin/python -m pip install --quiet -r $(if $(findstring sj2,$*),requirements-sj2.txt,requirements.txt)
+	$*/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+test-ref: .venv/.installed
+	.venv/bin/python -m pytest $(PYTEST_ARGS)
 
-demo: $(STAMP)
-	$(PY) -m sglformer.demo
+test-sj2: .venv-sj2/.installed
+	.venv-sj2/bin/python -m pytest $(PYTEST_ARGS)
+
+demo: .venv/.installed
+	.venv/bin/python -m sglformer.demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf .venv .venv-sj2 .pytest_cache

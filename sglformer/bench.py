@@ -1,27 +1,6 @@
-"""``python -m sglformer.bench``: the neuron implementations of one model side by side.
-
-For each implementation named in ``--neuron`` it times the train step (forward, cross-entropy,
-backward, AdamW step) and the eval forward, and measures the activation memory of the train forward.
-All implementations run in one process from the same initial weights and inputs, their timed runs
-interleaved so that a change in the machine's load hits all of them alike; each time is the median
-of ``--repeat`` runs after ``--warmup`` untimed ones. The first implementation is the baseline of the
-speed-up and memory columns; a speed-up is the median over the runs of the baseline's time divided by
-the time of the run next to it. The CPU time of the train step (all threads of the process) is given
-too: on a CPU shared with other work it shows the work done, where the wall-clock time also shows the
-waiting; ``--threads 1`` makes it steadier still.
-
-Activation memory is how far memory in use rises above its level before the train forward (model,
-optimiser state, inputs) at its peak during the forward and loss, divided by the batch size; it is
-measured after the timings. On CUDA that is ``torch.cuda.max_memory_allocated``. On the CPU it is the
-growth of the process's resident set size to its peak (the kernel's high-water mark, reset through
-``/proc/self/clear_refs``, after the C library's free memory is handed back). That includes what the C
-library keeps of freed tensors; run with ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment (glibc) to
-have every tensor of 128 KiB or more mapped on its own, so that the peak is that of live tensors, as on
-CUDA (timings change too).
-
-The train step's FLOP count is that of its convolutions and matrix products, forward and backward
-(``torch.utils.flop_counter``); neurons, BatchNorm and the optimiser are not counted.
-"""
+"""``python -m sglformer.bench``: neuron implementations and memory techniques of one model side by side:
+exactness after one step, train-step and eval times, activation memory. docs/performance.md describes
+the variants, how each number is measured, and the results."""
 import argparse
 import contextlib
 import copy
@@ -40,20 +19,24 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import ConfigError
 from .energy import default_img_size, synthetic_batches
+from .layers import ConvBNLIF, PatchEmbed, TokenMLP, TokenSelfAttention
 from .logs import setup_logging
-from .neuron import NeuronBackendError, is_lif
+from .neuron import NEURON_BACKENDS, STACK, NeuronBackendError, choose_neuron, spikingjelly_memopt
 from .variants import create_model
 
 _logger = logging.getLogger('sglformer.bench')  # not __name__, which is __main__ under -m
 
-# --neuron names: (implementation, spikingjelly backend). "spikingjelly" resolves its backend like
-# the models do: CuPy on CUDA where it works, the torch loop otherwise.
-NEURONS = {
-    'spikingjelly': ('spikingjelly', 'auto'),
-    'torch': ('spikingjelly', 'torch'),
-    'cupy': ('spikingjelly', 'cupy'),
-    'fused': ('fused', 'auto'),
-}
+MEMOPT_COMPRESSORS = {'checkpoint': None, 'boolean': 'BooleanSpikeCompressor', 'uint8': 'Uint8SpikeCompressor',
+                      'bit': 'BitSpikeCompressor', 'sparse': 'SparseSpikeCompressor'}
+MEMOPT_VARIANTS = tuple(f'memopt-{name}' for name in (*MEMOPT_COMPRESSORS, 'auto'))
+SPIKING_UNITS = (ConvBNLIF, TokenSelfAttention, TokenMLP, PatchEmbed)  # what memopt checkpoints
+_WRAPPED = '_checkpoint_wrapped_module.'  # memopt's wrappers put this in parameter names
+
+
+def variant_names():
+    """The ``--neuron`` names the installed spikingjelly offers."""
+    names = ('spikingjelly', 'fused') + NEURON_BACKENDS[1:]
+    return names + (MEMOPT_VARIANTS if spikingjelly_memopt() is not None else ())
 
 
 def parse_args(argv=None):
@@ -62,8 +45,8 @@ def parse_args(argv=None):
     parser.add_argument('--batch', type=int, default=16)
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--neuron', dest='neuron_list', default='spikingjelly,fused',
-                        help=f"comma-separated, the first is the baseline; names: {', '.join(NEURONS)} "
-                             '(torch and cupy: spikingjelly with that backend)')
+                        help=f"comma-separated variants, the first is the baseline; with {STACK}: "
+                             f"{', '.join(variant_names())}")
     parser.add_argument('--repeat', type=int, default=5, help='timed runs of each (medians are reported)')
     parser.add_argument('--warmup', type=int, default=1, help='untimed train steps and eval passes first')
     parser.add_argument('--dim', type=int, help='embedding dimension D (default: the variant\'s)')
@@ -77,8 +60,12 @@ def parse_args(argv=None):
     parser.add_argument('--json', help='also write the results to this file')
     args = parser.parse_args(argv)
     args.neurons = [name.strip() for name in args.neuron_list.split(',') if name.strip()]
-    if not args.neurons or any(name not in NEURONS for name in args.neurons):
-        parser.error(f"--neuron takes names from {', '.join(NEURONS)}, got {args.neuron_list!r}")
+    unknown = [name for name in args.neurons if name not in variant_names()]
+    if not args.neurons or unknown:
+        memopt_note = ('; the memopt-* variants need spikingjelly 2 (pip install -r requirements-sj2.txt)'
+                       if any(name in MEMOPT_VARIANTS for name in unknown) else '')
+        parser.error(f"--neuron takes names from {', '.join(variant_names())} with {STACK}, got "
+                     f'{args.neuron_list!r}{memopt_note}')
     if args.amp and torch.device(args.device).type != 'cuda':
         parser.error('--amp is float16 autocast on CUDA; run on the CPU without it')
     if args.batch < 1 or args.repeat < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
@@ -86,15 +73,25 @@ def parse_args(argv=None):
     return args
 
 
-class Runner:
-    """One neuron implementation: its own copy of the model, optimiser and gradient scaler."""
+def _neuron_request(name):
+    """``(implementation, backend)`` of a variant's neurons."""
+    if name == 'fused':
+        return 'fused', 'auto'
+    return 'spikingjelly', name if name in NEURON_BACKENDS else 'auto'
 
-    def __init__(self, name, model, amp):
-        implementation, backend = NEURONS[name]
+
+class Runner:
+    """One variant: its own copy of the model, optimiser and gradient scaler."""
+
+    def __init__(self, name, model, amp, images):
         self.name = name
         self.model = model
+        implementation, backend = _neuron_request(name)
         model.set_neuron(implementation)
         model.set_neuron_backend(backend)
+        self.choice = choose_neuron(implementation, backend, images.device)
+        if name in MEMOPT_VARIANTS:
+            apply_memopt(model, name.removeprefix('memopt-'), images)
         self.amp = amp
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         self.scaler = torch.amp.GradScaler('cuda', enabled=amp)
@@ -121,11 +118,79 @@ class Runner:
         with torch.no_grad(), self.autocast():
             self.model(images)
 
+    def first_step(self, images, labels):
+        """Loss, parameter gradients and buffers of one forward and backward pass (no optimiser step)."""
+        loss = self.forward_loss(images, labels)
+        self.scaler.scale(loss).backward()
+        grads = {name.replace(_WRAPPED, ''): p.grad.detach().clone()
+                 for name, p in self.model.named_parameters() if p.grad is not None}
+        buffers = {name.replace(_WRAPPED, ''): b.detach().clone() for name, b in self.model.named_buffers()}
+        self.optimizer.zero_grad(set_to_none=True)
+        return dict(loss=loss.detach(), grads=grads, buffers=buffers)
+
     def backend(self):
-        """What the neurons run on: ``fused``, or the spikingjelly backend they resolved to."""
-        if self.model.neuron == 'fused':
-            return 'fused'
-        return next(module.backend for module in self.model.modules() if is_lif(module))
+        """What the neurons run on: ``fused``, or the spikingjelly backend."""
+        return 'fused' if self.choice.implementation == 'fused' else self.choice.backend
+
+
+def apply_memopt(model, technique, images):
+    """Wrap the spiking units of ``model`` as the variant ``memopt-<technique>`` says (see the module)."""
+    memopt = spikingjelly_memopt()
+    if technique == 'auto':
+        memopt.optimize_memory(model, SPIKING_UNITS, lambda module: module(images), level=1)
+        return
+    compressor = MEMOPT_COMPRESSORS[technique] and getattr(memopt, MEMOPT_COMPRESSORS[technique])()
+    storable = {'spikes'} if technique != 'uint8' else {'spikes', 'bytes'}
+    for path, kind in unit_inputs(model, images).items():
+        unit = model.get_submodule(path)
+        model.set_submodule(path, memopt.checkpoint_module(unit, compressor=compressor if kind in storable else None))
+
+
+def unit_inputs(model, images):
+    """``{path: kind}`` of the first input of each outermost spiking unit in a train forward of a copy of
+    ``model`` on ``images``: ``spikes`` (0 and 1), ``bytes`` (integers 0 to 255) or ``real``."""
+    probe = copy.deepcopy(model).train()
+    kinds = {}
+
+    def record(path):
+        def hook(module, args):
+            kinds.setdefault(path, _kind(args[0]))
+        return hook
+    handles = [module.register_forward_pre_hook(record(path))
+               for path, module in probe.named_modules() if isinstance(module, SPIKING_UNITS)]
+    with torch.no_grad():
+        probe(images)
+    for handle in handles:
+        handle.remove()
+    return {path: kind for path, kind in kinds.items()
+            if not any(path.startswith(other + '.') for other in kinds)}
+
+
+def _kind(x):
+    if bool(((x == 0) | (x == 1)).all()):
+        return 'spikes'
+    if bool(((x >= 0) & (x <= 255) & (x == x.round())).all()):
+        return 'bytes'
+    return 'real'
+
+
+def compare(result, baseline):
+    """Exactness of one variant's first step against the baseline's."""
+    pairs = [(result['loss'], baseline['loss'])]
+    pairs += [(result['grads'].get(name), grad) for name, grad in baseline['grads'].items()]
+    pairs += [(result['buffers'].get(name), buffer) for name, buffer in baseline['buffers'].items()]
+    if any(a is None or a.shape != b.shape for a, b in pairs) or result['grads'].keys() != baseline['grads'].keys():
+        raise RuntimeError('the variants do not have the same parameters and buffers')
+    exact = all(torch.equal(a, b) for a, b in pairs)
+
+    def largest(tensors, relative=False):
+        return max((((a.double() - b.double()).abs().max() /
+                     (max(b.double().abs().max().item(), 1e-30) if relative else 1.0)).item()
+                    for a, b in tensors), default=0.0)
+    grads = pairs[1:1 + len(baseline['grads'])]
+    return dict(exact=exact, loss_abs_diff=largest(pairs[:1]), loss_rel_diff=largest(pairs[:1], True),
+                grad_abs_diff=largest(grads), grad_rel_diff=largest(grads, True),
+                buffer_abs_diff=largest(pairs[1 + len(grads):]))
 
 
 def synchronize(device):
@@ -187,7 +252,7 @@ def peak_memory_growth(fn, device):
 
 def conditions(device):
     """Where the benchmark runs, and the system's load average (other processes slow it down)."""
-    info = dict(torch=torch.__version__, python=platform.python_version(), device=str(device))
+    info = dict(torch=torch.__version__, python=platform.python_version(), device=str(device), stack=STACK)
     if device.type == 'cuda':
         info['gpu'] = torch.cuda.get_device_name(device)
     else:
@@ -201,6 +266,27 @@ def conditions(device):
     return info
 
 
+def _inputs(args, base, device):
+    images = next(synthetic_batches(base, 1, args.batch, args.img_size or default_img_size(base), args.seed))
+    labels = torch.randint(base.num_classes, (args.batch,), generator=torch.Generator().manual_seed(args.seed))
+    return images.to(device), labels.to(device)
+
+
+def _timings(runners, images, labels, args, device):
+    """``{name: (train wall times, train CPU times, eval times)}``, the variants' runs interleaved."""
+    times = {runner.name: ([], [], []) for runner in runners}
+    for repeat in range(args.repeat):
+        for runner in runners:
+            wall, cpu = timed(lambda: runner.train_step(images, labels), device)
+            times[runner.name][0].append(wall)
+            times[runner.name][1].append(cpu)
+        for runner in runners:
+            times[runner.name][2].append(timed(lambda: runner.eval_forward(images), device)[0])
+        _logger.info('run %d/%d: train step %s', repeat + 1, args.repeat,
+                     ', '.join(f'{name} {runs[0][-1]:.3f} s' for name, runs in times.items()))
+    return times
+
+
 def run(args):
     """Benchmark ``args.neurons`` on ``args.model``; returns the report (see :func:`format_report`)."""
     device = torch.device(args.device)
@@ -208,46 +294,45 @@ def run(args):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     base = create_model(args).to(device)
-    images = next(synthetic_batches(base, 1, args.batch, args.img_size or default_img_size(base), args.seed))
-    images = images.to(device)
-    labels = torch.randint(base.num_classes, (args.batch,), generator=torch.Generator().manual_seed(args.seed))
-    labels = labels.to(device)
-    runners = [Runner(name, copy.deepcopy(base), args.amp) for name in args.neurons]
+    images, labels = _inputs(args, base, device)
+    runners = [Runner(name, copy.deepcopy(base), args.amp, images) for name in args.neurons]
     started = conditions(device)
-
+    first_steps = [runner.first_step(images, labels) for runner in runners]
     for runner in runners:
         for _ in range(args.warmup):
             runner.train_step(images, labels)
             runner.eval_forward(images)
     flops = train_step_flops(runners[0], images, labels)
-    train_times = {runner.name: [] for runner in runners}
-    train_cpu_times = {runner.name: [] for runner in runners}
-    eval_times = {runner.name: [] for runner in runners}
-    for repeat in range(args.repeat):
-        for runner in runners:
-            wall, cpu = timed(lambda: runner.train_step(images, labels), device)
-            train_times[runner.name].append(wall)
-            train_cpu_times[runner.name].append(cpu)
-        for runner in runners:
-            eval_times[runner.name].append(timed(lambda: runner.eval_forward(images), device)[0])
-        _logger.info('run %d/%d: train step %s', repeat + 1, args.repeat,
-                     ', '.join(f'{name} {times[-1]:.3f} s' for name, times in train_times.items()))
+    times = _timings(runners, images, labels, args, device)
     memory = {}
     for runner in runners:
         loss, memory[runner.name] = peak_memory_growth(lambda: runner.forward_loss(images, labels), device)
         runner.backward_step(loss)
         del loss
+    results = [_result(runner, times[runner.name], memory[runner.name], flops, args.batch,
+                       compare(first_step, first_steps[0]))
+               for runner, first_step in zip(runners, first_steps)]
+    _relate_to_baseline(results)
+    model = runners[0].model
+    return dict(
+        model=args.model, embed_dims=model.num_features, T=model.T, input_shape=list(images.shape),
+        batch=args.batch, dtype='float16 autocast' if args.amp else 'float32', repeat=args.repeat,
+        warmup=args.warmup, conditions_start=started, conditions_end=conditions(device),
+        train_step_flops=flops, results=results)
 
-    results = []
-    for runner in runners:
-        name = runner.name
-        train_s, eval_s = statistics.median(train_times[name]), statistics.median(eval_times[name])
-        results.append(dict(
-            neuron=name, backend=runner.backend(), train_step_s=train_s, train_step_runs_s=train_times[name],
-            train_step_cpu_s=statistics.median(train_cpu_times[name]), train_step_cpu_runs_s=train_cpu_times[name],
-            eval_s=eval_s, eval_runs_s=eval_times[name], eval_images_per_s=args.batch / eval_s,
-            train_gflop_per_s=flops / train_s / 1e9,
-            activation_bytes_per_image=None if memory[name] is None else memory[name] / args.batch))
+
+def _result(runner, times, memory, flops, batch, exactness):
+    train_runs, train_cpu_runs, eval_runs = times
+    train_s, eval_s = statistics.median(train_runs), statistics.median(eval_runs)
+    return dict(
+        neuron=runner.name, backend=runner.backend(), train_step_s=train_s, train_step_runs_s=train_runs,
+        train_step_cpu_s=statistics.median(train_cpu_runs), train_step_cpu_runs_s=train_cpu_runs,
+        eval_s=eval_s, eval_runs_s=eval_runs, eval_images_per_s=batch / eval_s,
+        train_gflop_per_s=flops / train_s / 1e9,
+        activation_bytes_per_image=None if memory is None else memory / batch, **exactness)
+
+
+def _relate_to_baseline(results):
     baseline = results[0]
     for row in results:
         # Each run was timed next to the baseline's: the median of those ratios is steadier than the
@@ -257,12 +342,6 @@ def run(args):
         memory_known = None not in (row['activation_bytes_per_image'], baseline['activation_bytes_per_image'])
         row['memory_ratio'] = (row['activation_bytes_per_image'] / baseline['activation_bytes_per_image']
                                if memory_known else None)
-    model = runners[0].model
-    return dict(
-        model=args.model, embed_dims=model.num_features, T=model.T, input_shape=list(images.shape),
-        batch=args.batch, dtype='float16 autocast' if args.amp else 'float32', repeat=args.repeat,
-        warmup=args.warmup, conditions_start=started, conditions_end=conditions(device),
-        train_step_flops=flops, results=results)
 
 
 def _paired_speedup(baseline_runs, runs):
@@ -276,9 +355,10 @@ def _describe(report):
     if 'load_average' in start and 'load_average' in end:
         load = f", load average {start['load_average']} -> {end['load_average']}"
     return (f"{report['model']} (D={report['embed_dims']}, T={report['T']}, input {report['input_shape']}), "
-            f"{report['dtype']}, {start['device']} ({where}{load}), torch {start['torch']}; medians of "
-            f"{report['repeat']} runs after {report['warmup']} warm-up; train step "
-            f"{report['train_step_flops'] / 1e9:.1f} GFLOP (convolutions and matrix products, forward and backward)")
+            f"{report['dtype']}, {start['device']} ({where}{load}), torch {start['torch']}, "
+            f"{start.get('stack', 'spikingjelly')}; medians of {report['repeat']} runs after {report['warmup']} "
+            f"warm-up; train step {report['train_step_flops'] / 1e9:.1f} GFLOP (convolutions and matrix products, "
+            'forward and backward)')
 
 
 def _megabytes(value):
@@ -289,23 +369,30 @@ def _ratio(value):
     return 'n/a' if value is None else f'{value:.2f}x'
 
 
+def _exactness(row):
+    if row['exact']:
+        return 'exact'
+    return (f"loss {row['loss_abs_diff']:.1e} ({row['loss_rel_diff']:.1e} rel), "
+            f"grads {row['grad_abs_diff']:.1e} ({row['grad_rel_diff']:.1e} rel)")
+
+
 def markdown_table(reports):
-    """One table of every row of ``reports``, with a model column when there is more than one."""
+    """One table of every row of ``reports``, with model and stack columns when there is more than one."""
     several = len(reports) > 1
-    header = ['neuron', 'backend', 'train step (s)', 'speed-up', 'GFLOP/s', 'CPU time (s)', 'eval (img/s)',
-              'speed-up', 'activation memory (MB/img)', 'vs baseline']
+    header = ['variant', 'neurons', 'train step (s)', 'speed-up', 'GFLOP/s', 'CPU time (s)', 'eval (img/s)',
+              'speed-up', 'activation memory (MB/img)', 'vs baseline', 'vs baseline after one step']
     if several:
-        header = ['model', 'batch', 'dtype'] + header
+        header = ['model', 'stack', 'batch', 'dtype'] + header
     lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
     for report in reports:
         for row in report['results']:
             cells = [row['neuron'], row['backend'], f"{row['train_step_s']:.3f}", f"{row['train_speedup']:.2f}x",
                      f"{row['train_gflop_per_s']:.1f}", f"{row['train_step_cpu_s']:.2f}",
-                     f"{row['eval_images_per_s']:.1f}",
-                     f"{row['eval_speedup']:.2f}x", _megabytes(row['activation_bytes_per_image']),
-                     _ratio(row['memory_ratio'])]
+                     f"{row['eval_images_per_s']:.1f}", f"{row['eval_speedup']:.2f}x",
+                     _megabytes(row['activation_bytes_per_image']), _ratio(row['memory_ratio']), _exactness(row)]
             if several:
-                cells = [report['model'], str(report['batch']), report['dtype']] + cells
+                stack = report['conditions_start'].get('stack', 'spikingjelly')
+                cells = [report['model'], stack, str(report['batch']), report['dtype']] + cells
             lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 

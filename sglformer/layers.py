@@ -1,11 +1,12 @@
-"""Spiking building units shared by every SGLFormer variant (SPEC.md sections 2 and 4).
+"""Spiking building units shared by every SGLFormer variant.
 
 Tensors are time first: ``[T, B, C, H, W]`` for maps, ``[T, B, C, N]`` for token sequences.
 Attribute names are the authors' state-dict keys and must not change.
 """
 from torch import nn
 
-from .neuron import create_lif
+from . import fused
+from .neuron import FusedLIFNode, create_lif
 
 ATTENTION_SCALE = 0.125  # the authors' constant, whatever the head size
 ATTENTION_THRESHOLD = 0.5
@@ -60,6 +61,28 @@ class SpikeAttention(nn.Module):
         return f'num_heads={self.num_heads}'
 
 
+def norm_pool_fire(bn, pool, lif, y, steps, merged_time_steps=False):
+    """``lif(pool(bn(y)))`` for a convolution's output ``y = [T*B, ...]``: the neuron gets ``[T, B, ...]``, or
+    with ``merged_time_steps`` ``y`` itself (T*B steps); returns ``[T, B, ...]``. ``pool`` may be ``None``.
+
+    With a fused neuron in training the numbers stay the same and less is kept for the backward pass:
+    without a pool, :func:`sglformer.fused.norm_fire` recomputes BatchNorm's output and the neuron's
+    membranes from ``y``; with one (recomputing it would cost more time on the CPU than the rest of the
+    unit), :func:`sglformer.fused.max_pool` keeps its indices but not its input.
+    """
+    def to_sequence(x):
+        return x if merged_time_steps else split_time(x, steps)
+    fused_neuron = isinstance(lif, FusedLIFNode)
+    if fused_neuron and pool is None and fused.recomputable(bn, lif):
+        spikes = fused.norm_fire(bn, lif, y, to_sequence)
+    else:
+        x = bn(y)
+        if pool is not None:
+            x = fused.max_pool(pool, x, like=y) if fused_neuron else pool(x)
+        spikes = lif(to_sequence(x))
+    return split_time(spikes, steps) if merged_time_steps else spikes
+
+
 class ConvBNLIF(nn.Module):
     """Conv2d -> BatchNorm2d -> [MaxPool2d(3, 2, 1)] -> LIF on ``[T, B, C, H, W]``.
 
@@ -77,11 +100,7 @@ class ConvBNLIF(nn.Module):
         self.lif = create_lif()
 
     def forward(self, x):
-        steps = x.shape[0]
-        y = self.bn(getattr(self, self.conv_name)(merge_time(x)))
-        if self.pool is not None:
-            y = self.pool(y)
-        return self.lif(split_time(y, steps))
+        return norm_pool_fire(self.bn, self.pool, self.lif, getattr(self, self.conv_name)(merge_time(x)), x.shape[0])
 
 
 def conv3x3(in_channels, out_channels, stride=1):
@@ -231,12 +250,9 @@ def run_token_unit(owner, prefix, x, merged_time_steps=False):
     With ``merged_time_steps`` the neuron runs on ``[T*B, C, N]``: T*B steps in which the membrane
     carries over from one image to the next. That is the authors' ``proj_lif``, reproduced on purpose.
     """
-    steps = x.shape[0]
-    y = getattr(owner, f'{prefix}_bn')(getattr(owner, f'{prefix}_conv')(merge_time(x)))
-    lif = getattr(owner, f'{prefix}_lif')
-    if merged_time_steps:
-        return split_time(lif(y), steps)
-    return lif(split_time(y, steps))
+    y = getattr(owner, f'{prefix}_conv')(merge_time(x))
+    return norm_pool_fire(getattr(owner, f'{prefix}_bn'), None, getattr(owner, f'{prefix}_lif'), y, x.shape[0],
+                          merged_time_steps)
 
 
 class TokenSelfAttention(nn.Module):
@@ -321,9 +337,8 @@ class PatchEmbed(nn.Module):
     def forward(self, x):
         steps = x.shape[0]
         for stage, prefix in enumerate(self.PREFIXES):
-            y = getattr(self, f'{prefix}_bn')(getattr(self, f'{prefix}_conv')(merge_time(x)))
-            if stage in self.pooled_stages:
-                y = getattr(self, self._pool_name(stage))(y)
-            lif = getattr(self, f'{prefix}_lif')
-            x = split_time(lif(y), steps) if stage == 0 and self.merged_first_lif else lif(split_time(y, steps))
+            pool = getattr(self, self._pool_name(stage)) if stage in self.pooled_stages else None
+            x = norm_pool_fire(getattr(self, f'{prefix}_bn'), pool, getattr(self, f'{prefix}_lif'),
+                               getattr(self, f'{prefix}_conv')(merge_time(x)), steps,
+                               stage == 0 and self.merged_first_lif)
         return x

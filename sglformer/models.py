@@ -1,4 +1,4 @@
-"""The SGLFormer networks (SPEC.md sections 3 and 4), built from :mod:`sglformer.layers`.
+"""The SGLFormer networks (CIFAR/DVS and ImageNet), built from :mod:`sglformer.layers`.
 
 Dataset folders declare the registered variants (``cifar10/model.py`` ...) through
 :func:`build_variant`; this module defines the networks themselves.
@@ -7,13 +7,15 @@ import contextlib
 import math
 from functools import partial
 
+import torch
 from timm.layers import trunc_normal_
 from timm.models import register_model
 from torch import nn
 
 from .layers import GlobalBlock, ImageNetLocalStage, PatchEmbed, SpikingTransformer, conv3x3
 from .fused import compact_spike_saving
-from .neuron import NEURON_BACKENDS, neuron_implementation, reset_neurons, set_neuron_backend, use_neuron_implementation
+from .neuron import (apply_neuron_backend, check_neuron_request, choose_neuron, neuron_implementation, reset_neurons,
+                     use_neuron_implementation)
 
 # Constructor keywords of the authors' models that their code accepts and never uses, and timm's
 # own keywords for hub weights. Accepted so that the authors' calls and timm.create_model work.
@@ -24,22 +26,22 @@ IGNORED_KWARGS = frozenset({
 
 
 class SpikingModel(nn.Module):
-    """Base of every SGLFormer: neurons are reset at the start of each forward, and the neuron
-    backend (``auto``, ``torch`` or ``cupy``) is resolved for the device of the input.
+    """Base of every SGLFormer: neurons are reset at the start of each forward, and the neurons asked for
+    (``neuron``: ``spikingjelly``, ``fused`` or ``auto``; ``neuron_backend``: ``auto`` or a backend of the
+    installed spikingjelly, see :mod:`sglformer.neuron`) are settled by
+    :func:`sglformer.neuron.choose_neuron` when the model first sees an input on a device.
 
-    The neuron implementation (``spikingjelly`` or ``fused``, see :mod:`sglformer.neuron`) is chosen
-    with the ``neuron`` keyword of the subclasses or :meth:`set_neuron`. With fused neurons the forward
-    runs inside :func:`sglformer.fused.compact_spike_saving`.
+    With fused neurons the forward runs inside :func:`sglformer.fused.compact_spike_saving`.
     """
 
     def __init__(self, num_classes, num_features, neuron_backend='auto'):
         super().__init__()
-        if neuron_backend not in NEURON_BACKENDS:
-            raise ValueError(f"neuron_backend must be one of {', '.join(NEURON_BACKENDS)}, got {neuron_backend!r}")
         self.num_classes = num_classes
         self.num_features = num_features
-        self.neuron_backend = neuron_backend
-        self._backend_device = None
+        self.neuron_backend = 'auto' if neuron_backend is None else neuron_backend
+        check_neuron_request('auto', self.neuron_backend)
+        self._neuron_request = 'spikingjelly'
+        self._neuron_device = None
         self._compact_spikes = False
 
     def _new_head(self):
@@ -47,21 +49,33 @@ class SpikingModel(nn.Module):
         return nn.Linear(self.num_features, self.num_classes) if self.num_classes > 0 else nn.Identity()
 
     def set_neuron_backend(self, backend):
-        """Choose ``auto``, ``torch`` or ``cupy``; it takes effect at the next forward."""
-        if backend not in NEURON_BACKENDS:
-            raise ValueError(f"neuron backend must be one of {', '.join(NEURON_BACKENDS)}, got {backend!r}")
+        """Ask for a neuron backend (``None``: ``auto``); it is settled at the next forward."""
+        backend = 'auto' if backend is None else backend
+        check_neuron_request('auto', backend)
         self.neuron_backend = backend
-        self._backend_device = None
+        self._neuron_device = None
 
     def set_neuron(self, implementation):
-        """Switch every neuron to ``spikingjelly`` or ``fused`` in place (same numbers, same state dict)."""
-        use_neuron_implementation(self, implementation)
-        self._backend_device = None
+        """Switch every neuron to ``spikingjelly`` or ``fused`` in place (same numbers, same state dict), or
+        ask for ``auto``, which the next forward settles for its device."""
+        check_neuron_request(implementation)
+        if implementation != 'auto':
+            use_neuron_implementation(self, implementation)
+        self._neuron_request = implementation
+        self._neuron_device = None
 
     @property
     def neuron(self):
         """The neuron implementation in use: ``spikingjelly``, ``fused`` or ``mixed``."""
         return neuron_implementation(self)
+
+    def _settle_neurons(self, device):
+        choice = choose_neuron(self._neuron_request, self.neuron_backend, device)
+        if self._neuron_request == 'auto' and self.neuron != choice.implementation:
+            use_neuron_implementation(self, choice.implementation)
+        apply_neuron_backend(self, choice.backend)
+        self._neuron_device = device
+        self._compact_spikes = self.neuron != 'spikingjelly'
 
     def reset_neurons(self):
         reset_neurons(self)
@@ -78,13 +92,11 @@ class SpikingModel(nn.Module):
         return self.head(features)
 
     def forward(self, x):
-        if x.device != self._backend_device:
-            # Resolved once per device and after set_neuron/set_neuron_backend, not on every forward.
-            set_neuron_backend(self, self.neuron_backend, x.device)
-            self._backend_device = x.device
-            self._compact_spikes = self.neuron != 'spikingjelly'
+        if x.device != self._neuron_device:
+            # Settled once per device and after set_neuron/set_neuron_backend, not on every forward.
+            self._settle_neurons(x.device)
         self.reset_neurons()
-        with compact_spike_saving() if self._compact_spikes else contextlib.nullcontext():
+        with compact_spike_saving() if self._compact_spikes and torch.is_grad_enabled() else contextlib.nullcontext():
             return self.forward_head(self.forward_features(x))
 
 

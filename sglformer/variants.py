@@ -10,8 +10,6 @@ from pathlib import Path
 import timm
 
 from .config import ConfigError
-from .distributed import default_device
-from .neuron import resolve_implementation
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATASET_FOLDERS = ('cifar10', 'cifar100', 'cifar10-dvs', 'dvs128-gesture', 'imagenet')
@@ -54,13 +52,13 @@ MODEL_OPTIONS = {'time_step': 'T', 'layer': 'depths', 'dim': 'embed_dims', 'num_
 
 
 def create_model(args):
-    """The registered model ``args.model`` with the size options that are set (None keeps the variant's)."""
+    """The registered model ``args.model`` with the size and neuron options that are set (None keeps the
+    variant's). The neurons are as ``args`` name them: ``neuron='auto'`` is settled by the model's first
+    forward (or, once, by the caller through :func:`sglformer.neuron.choose_neuron`)."""
     load_variants()
     kwargs = {kw: getattr(args, opt) for opt, kw in MODEL_OPTIONS.items() if getattr(args, opt, None) is not None}
     if getattr(args, 'img_size', None) is not None:
         kwargs.update(img_size_h=args.img_size, img_size_w=args.img_size)
-    if 'neuron' in kwargs:
-        kwargs['neuron'] = resolve_implementation(kwargs['neuron'], getattr(args, 'device', None) or default_device())
     try:
         return timm.create_model(args.model, **kwargs)
     except RuntimeError as exc:

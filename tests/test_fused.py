@@ -1,20 +1,18 @@
-"""The fused LIF neuron against spikingjelly's, the switch between them, and the benchmark command.
+"""The fused LIF neuron against the installed spikingjelly's, the switch between them, and the units that
+recompute BatchNorm and neuron in the backward pass.
 
 Exactness is bitwise (torch.equal): the fused neuron repeats spikingjelly's floating-point operations
 in the same order. The goldens run with both neurons in test_models.py.
 """
-import json
-import logging
-
 import pytest
 import timm
 import torch
 from spikingjelly.activation_based import functional, neuron as sj_neuron
 
 from sglformer import fused
-from sglformer.fused import FusedLIFNode, compact_spike_saving
-from sglformer.neuron import (_log_choice, create_lif, is_lif, neuron_implementation, set_neuron_backend,
-                             use_neuron_implementation)
+from sglformer.fused import compact_spike_saving
+from sglformer.layers import norm_pool_fire
+from sglformer.neuron import FusedLIFNode, create_lif, is_lif, neuron_implementation, use_neuron_implementation
 
 # Odd sizes on purpose: on the CPU, which elements fall in a vectorised loop's tail changes the last
 # bit of the surrogate's sigmoid, so a neuron that batches it differently from spikingjelly is caught.
@@ -106,19 +104,28 @@ def test_switching_keeps_modules_hooks_and_state_dict():
         model.set_neuron('triton')
 
 
+def test_membrane_state_and_stored_membranes_as_spikingjelly():
+    """The membrane lives where the installed spikingjelly keeps it; ``store_v_seq`` runs its code."""
+    x = torch.randn(4, 3, 5) * 1.5 + 0.4
+    results = []
+    for implementation in ('spikingjelly', 'fused'):
+        lif = create_lif(implementation=implementation)
+        assert lif.v == 0.0
+        lif(x)
+        after_call = lif.v.clone()
+        functional.reset_net(lif)
+        assert isinstance(lif.v, float) and lif.v == 0.0
+        lif.store_v_seq = True
+        results.append([after_call, lif(x), lif.v_seq, lif.v])
+    assert_same(results[1], results[0])
+    assert results[0][2].shape == (4, 3, 5)
+
+
 def test_only_the_specified_neuron_can_be_fused():
     soft_reset = torch.nn.Sequential(sj_neuron.LIFNode(v_reset=None, step_mode='m'))
     with pytest.raises(ValueError, match='v_reset=None'):
         use_neuron_implementation(soft_reset, 'fused')
     assert type(soft_reset[0]) is sj_neuron.LIFNode
-
-
-def test_fused_model_logs_its_neurons_and_keeps_backend_checks(caplog):
-    model = torch.nn.Sequential(create_lif(implementation='fused'))
-    _log_choice.cache_clear()  # the line is logged once per process
-    with caplog.at_level(logging.INFO, logger='sglformer'):
-        assert set_neuron_backend(model, 'auto', torch.device('cpu')) == 'torch'
-    assert 'fused implementation on cpu' in caplog.text
 
 
 @pytest.mark.parametrize('name, kwargs, input_shape', [
@@ -172,15 +179,77 @@ def test_spikes_are_saved_as_booleans(monkeypatch):
     assert torch.equal(weight_grad, expected)
 
 
-def test_bench_command_writes_json(tmp_path, capsys):
-    from sglformer.bench import main
-    path = tmp_path / 'bench.json'
-    main(['--model', 'sglformer_cifar10', '--batch', '2', '--dim', '48', '--num-heads', '4', '-T', '1',
-          '--repeat', '1', '--warmup', '0', '--neuron', 'spikingjelly,fused', '--json', str(path)])
-    report = json.loads(path.read_text())
-    assert [row['neuron'] for row in report['results']] == ['spikingjelly', 'fused']
-    assert report['train_step_flops'] > 0 and report['input_shape'] == [2, 3, 32, 32]
-    for row in report['results']:
-        assert row['train_step_s'] > 0 and row['eval_images_per_s'] > 0
-        assert row['activation_bytes_per_image'] is None or row['activation_bytes_per_image'] > 0
-    assert '| spikingjelly | torch |' in capsys.readouterr().out
+def unit_modules(channels=6, pool=True, threshold=1.0, implementation='fused'):
+    torch.manual_seed(3)
+    bn = torch.nn.BatchNorm2d(channels)
+    torch.nn.init.uniform_(bn.weight, 1.0, 3.0)
+    torch.nn.init.uniform_(bn.bias, -0.5, 0.5)
+    return bn, torch.nn.MaxPool2d(3, 2, 1) if pool else None, create_lif(threshold, implementation)
+
+
+def run_unit(implementation, y, pool=True, calls=1, merged=False):
+    """Spikes, gradients of ``y`` and BatchNorm's parameters and its statistics after ``calls`` calls."""
+    bn, pool, lif = unit_modules(y.shape[1], pool, implementation=implementation)
+    y = y.clone().requires_grad_()
+    outputs = [norm_pool_fire(bn, pool, lif, y * (call + 1), 4, merged) for call in range(calls)]
+    spikes = torch.stack(outputs)
+    weights = torch.randn(spikes.shape, generator=torch.Generator().manual_seed(1))
+    (spikes * weights).sum().backward()
+    return [spikes, y.grad, bn.weight.grad, bn.bias.grad, *bn.state_dict().values(), lif.v.detach()]
+
+
+@pytest.mark.parametrize('pool, merged', [(True, False), (False, False), (False, True)],
+                         ids=['pool', 'no-pool', 'T*B-steps'])
+@pytest.mark.parametrize('calls', [1, 2], ids=['one-call', 'membrane-carried'])
+def test_recomputing_unit_equals_module_by_module(pool, merged, calls):
+    y = torch.randn(4 * 3, 6, 9, 11)
+    assert_same(run_unit('fused', y, pool, calls, merged), run_unit('spikingjelly', y, pool, calls, merged))
+
+
+def saved_bytes(fn):
+    """Bytes of the tensors, parameters excepted, that ``fn()`` leaves for the backward pass."""
+    saved = {}
+
+    def pack(tensor):
+        if not isinstance(tensor, torch.nn.Parameter):
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(saved.values())
+
+
+def test_recomputing_unit_keeps_only_the_convolution_output():
+    bn, _, lif = unit_modules(pool=False)
+    y = torch.randn(8, 6, 9, 11, requires_grad=True)
+    assert saved_bytes(lambda: norm_pool_fire(bn, None, lif, y, 4)) == y.numel() * 4
+    assert bn.num_batches_tracked.item() == 1  # once per forward, never in a backward pass
+    lif.__class__ = sj_neuron.LIFNode  # module by module: BatchNorm's input and the neuron's state
+    assert saved_bytes(lambda: norm_pool_fire(bn, None, lif, y, 4)) >= 2 * y.numel() * 4
+
+
+def test_pooled_unit_keeps_indices_but_not_the_pool_input():
+    bn, pool, lif = unit_modules()
+    y = torch.randn(8, 6, 9, 11, requires_grad=True)
+    pooled = 8 * 6 * 5 * 6
+    # BatchNorm's input (and its statistics, a few floats per channel), the indices as int32 and the
+    # neuron's z = H - threshold
+    expected = y.numel() * 4 + pooled * 4 + pooled * 4
+    assert expected <= saved_bytes(lambda: norm_pool_fire(bn, pool, lif, y, 4)) <= expected + 4 * 6 * 4
+    pool.register_forward_hook(lambda module, args, out: None)
+    assert saved_bytes(lambda: norm_pool_fire(bn, pool, lif, y, 4)) > 2 * y.numel() * 4  # the module itself
+
+
+def test_recomputing_unit_steps_aside_for_hooks_eval_and_stored_membranes():
+    bn, _, lif = unit_modules(pool=False)
+    assert fused.recomputable(bn, lif)
+    handle = lif.register_forward_hook(lambda module, args, out: None)
+    assert not fused.recomputable(bn, lif)
+    handle.remove()
+    assert not fused.recomputable(bn.eval(), lif)
+    with torch.no_grad():
+        assert not fused.recomputable(bn.train(), lif)
+    lif.store_v_seq = True
+    assert not fused.recomputable(bn, lif)
+    y = torch.randn(8, 6, 9, 11, requires_grad=True)
+    assert saved_bytes(lambda: norm_pool_fire(bn, None, lif, y, 4)) > y.numel() * 4
