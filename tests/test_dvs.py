@@ -1,12 +1,9 @@
 """CIFAR10-DVS and DVS128 Gesture: spikingjelly's frames from synthetic event files, the authors' split,
 the augmentation, and the training scripts end to end (dvs checkpoint layout, exact resume, --test-only)."""
 import argparse
-import hashlib
 import json
 import math
 import shutil
-import zipfile
-import zlib
 from unittest import mock
 
 import numpy as np
@@ -22,39 +19,13 @@ from sglformer.checkpoint import read_checkpoint
 from sglformer.config import parse_args
 from sglformer.data import build_datasets
 from sglformer.data.dvs import per_class_split, read_cifar10_dvs_events
+from sglformer.testing import events_of, write_cifar10_dvs_archives, write_events_np
 
-SMALL = ['--dim', '48', '--num-heads', '4', '--T', '2', '-b', '2', '-j', '0', '--img-size', '128',
-         '--warmup-epochs', '0', '--cooldown-epochs', '0', '--device', 'cpu']
+MODEL = ['--dim', '48', '--num-heads', '4', '--T', '2', '-b', '2', '-j', '0', '--img-size', '128', '--device', 'cpu']
+SMALL = [*MODEL, '--warmup-epochs', '0', '--cooldown-epochs', '0']  # training; evaluations take MODEL
 CIFAR_CLASSES = {'airplane': 11, 'cat': 12}  # 90% rounded up: 10 + 11 training samples, 1 + 1 test samples
 GESTURE_TRAIN = {'0': 2, '10': 2, '2': 2}  # class folders sort as strings: '10' is label 1
 GESTURE_TEST = {'0': 1, '10': 1, '2': 1}
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is as fast, and much faster when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def events_of(name, count):
-    """``count`` events of a 128x128 sensor, a different pattern per sample name."""
-    rng = np.random.default_rng(zlib.crc32(name.encode()))
-    return {'t': np.sort(rng.integers(0, 10_000, count)).astype(np.uint32),
-            'x': rng.integers(0, 128, count).astype(np.uint32), 'y': rng.integers(0, 128, count).astype(np.uint32),
-            'p': rng.integers(0, 2, count)}
-
-
-def write_events_np(folder, classes, prefix):
-    """spikingjelly's events_np layout: ``folder/<class>/<name>.npz`` with t, x, y, p; sample i of a
-    class has 20 + i events."""
-    for label, count in classes.items():
-        (folder / label).mkdir(parents=True)
-        for i in range(count):
-            name = f'{prefix}_{label}_{i}'
-            np.savez(folder / label / f'{name}.npz', **events_of(name, 20 + i))
 
 
 @pytest.fixture(scope='module')
@@ -187,13 +158,13 @@ def test_yaml_holds_the_recipe_and_the_authors_flags_work(folder):
                   num_classes=10 if folder == 'cifar10-dvs' else 11)
     assert {key: getattr(args, key) for key in recipe} == recipe
     args = parse_args(['--T=16', '--lr=1e-3', '-b', '8', '--epochs', '3', '--data-path', '/d', '--output-dir', 'o',
-                       '--resume', 'r.pth', '--test-only', '--T_train', '16', '--mixup', '0.2', '--cutmix', '1.0',
+                       '--resume', 'r.pth', '--T_train', '16', '--mixup', '0.2', '--cutmix', '1.0',
                        '--smoothing', '0.2', '--no-amp', '-j', '2', '--device', 'cpu', '--dim', '64',
                        '--num-heads', '8', '--layer', '2', '--mlp-ratio', '2'], config)
     assert (args.time_step, args.lr, args.batch_size, args.epochs, args.data_dir, args.output, args.resume) == (
         16, 1e-3, 8, 3, '/d', 'o', 'r.pth')
-    assert (args.eval, args.T_train, args.mixup, args.cutmix, args.smoothing, args.amp, args.workers) == (
-        True, 16, 0.2, 1.0, 0.2, False, 2)
+    assert (args.T_train, args.mixup, args.cutmix, args.smoothing, args.amp, args.workers) == (16, 0.2, 1.0, 0.2, False, 2)
+    assert parse_args(['--test-only'], config).eval is True
     assert (args.device, args.dim, args.num_heads, args.layer, args.mlp_ratio) == ('cpu', 64, 8, 2, 2.0)
     assert parse_args(['--T-train', '4', '--amp', '--eval'], config).T_train == 4
     name = training.run_folder_path(parse_args(['--T', '16'], config))
@@ -211,7 +182,8 @@ def gesture_run(tmp_path_factory, roots):
 def test_short_run_writes_the_authors_files(gesture_run):
     run = gesture_run / 'straight'
     names = {p.name for p in run.iterdir()}
-    assert {'args.yaml', 'summary.csv', 'log.txt', 'checkpoint_latest.pth', 'checkpoint_max_test_acc1.pth'} <= names
+    assert {'args.yaml', 'summary.csv', 'log.txt', 'checkpoint_latest.pth', 'checkpoint_1.pth'} <= names
+    assert read_checkpoint(run / 'checkpoint_1.pth')['epoch'] == 1  # the authors' final checkpoint
     assert not any(n.endswith('.tmp') for n in names)
     last = read_checkpoint(run / 'checkpoint_latest.pth')
     assert set(last) == {'model', 'optimizer', 'lr_scheduler', 'epoch', 'args', 'max_test_acc1',
@@ -219,8 +191,10 @@ def test_short_run_writes_the_authors_files(gesture_run):
     assert last['epoch'] == 1 and isinstance(last['args'], argparse.Namespace) and last['args'].time_step == 2
     assert last['model']['head.weight'].shape == (11, 48)
     assert last['model']['full_size_conv.weight'].shape == (48, 1, 64, 2)  # 8x8 tokens, T = 2
-    best = read_checkpoint(run / 'checkpoint_max_test_acc1.pth')
-    assert best['max_test_acc1'] == last['max_test_acc1'] and 0 <= best['max_test_acc1'] <= 100
+    top1 = [float(row.split(',')[3]) for row in (run / 'summary.csv').read_text().splitlines()[1:]]
+    assert last['max_test_acc1'] == pytest.approx(max(top1), abs=1e-4)
+    if max(top1) > 0:  # the authors' script writes it on a strict improvement over 0
+        assert read_checkpoint(run / 'checkpoint_max_test_acc1.pth')['max_test_acc1'] == last['max_test_acc1']
     rows = (run / 'summary.csv').read_text().splitlines()
     assert [r.split(',')[0] for r in rows[1:]] == ['0', '1']
 
@@ -252,13 +226,13 @@ def test_test_only_on_the_authors_ddp_checkpoint(gesture_run, roots, tmp_path, c
                'args': argparse.Namespace(model='sglformer', T=2, lr=5e-3, test_only=False)}
     torch.save(authors, tmp_path / 'checkpoint_max_test_acc1.pth')
     capsys.readouterr()
-    metrics = train('dvs128-gesture', '--data-path', str(roots['dvs128-gesture']), *SMALL, '--test-only', '--resume',
+    metrics = train('dvs128-gesture', '--data-path', str(roots['dvs128-gesture']), *MODEL, '--test-only', '--resume',
                     str(tmp_path / 'checkpoint_max_test_acc1.pth'), '--output-dir', str(tmp_path), '--experiment', 'ev')
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert last_line == f"* Acc@1 {metrics['top1']:.3f} Acc@5 {metrics['top5']:.3f} loss {metrics['loss']:.4f}"
     saved = json.loads((tmp_path / 'ev' / 'eval.json').read_text())
     assert saved['images'] == 3 and saved['top1'] == metrics['top1']
-    again = train('dvs128-gesture', '--data-path', str(roots['dvs128-gesture']), *SMALL, '--eval', '--resume',
+    again = train('dvs128-gesture', '--data-path', str(roots['dvs128-gesture']), *MODEL, '--eval', '--resume',
                   str(gesture_run / 'straight' / 'checkpoint_latest.pth'), '--output-dir', str(tmp_path))
     assert again == metrics
 
@@ -267,7 +241,7 @@ def test_cifar10_dvs_trains_one_epoch(roots, tmp_path):
     best = train('cifar10-dvs', '--data-path', str(roots['cifar10-dvs']), *SMALL, '--epochs', '1', '-b', '10',
                  '--output-dir', str(tmp_path))
     run = tmp_path / 'sglformer_cifar10dvs_b10_T2' / 'lr0.005'
-    assert read_checkpoint(run / 'checkpoint_max_test_acc1.pth')['max_test_acc1'] == best['top1']
+    assert read_checkpoint(run / 'checkpoint_0.pth')['max_test_acc1'] == best['top1']
 
 
 def run_expecting_error(capsys, folder, *flags):
@@ -301,33 +275,24 @@ def test_dvs128_splits_with_other_classes_are_an_error(tmp_path, capsys):
     assert 'train/ and test/ hold different class folders (0, 1 and 0)' in err
 
 
-def test_samples_that_spikingjelly_threads_drop_are_integrated_again(roots, tmp_path, monkeypatch):
-    """spikingjelly's integration threads swallow exceptions (seen: numpy's header parser failing under
-    threads on CPython 3.11.7); the missing frames are made afterwards, and the dataset lists them."""
-    import spikingjelly.datasets as sj_datasets
-    real = sj_datasets.integrate_events_file_to_frames_file_by_fixed_frames_number
-    dropped = []
+def test_events_files_are_read_one_thread_at_a_time(roots, tmp_path, monkeypatch):
+    """numpy's header parser has failed when integration threads called it together (CPython 3.11.7)."""
+    from sglformer.data import dvs
+    real_load, overlaps, inside = np.load, [], []
 
-    def drops_the_first(loader, events_np_file, *args, **kwargs):
-        if not dropped:
-            dropped.append(events_np_file)
-            raise SystemError('AST constructor recursion depth mismatch')
-        return real(loader, events_np_file, *args, **kwargs)
+    def load(*args, **kwargs):
+        overlaps.append(len(inside))
+        inside.append(1)
+        try:
+            return real_load(*args, **kwargs)
+        finally:
+            inside.pop()
 
-    monkeypatch.setattr(sj_datasets, 'integrate_events_file_to_frames_file_by_fixed_frames_number', drops_the_first)
-    root = tmp_path / 'copy'
-    shutil.copytree(roots['cifar10-dvs'] / 'events_np', root / 'events_np')
-    train_set, test_set = build_datasets(args_for('cifar10-dvs', root))
-    assert dropped and (len(train_set), len(test_set)) == (21, 2)
-
-
-def test_partial_frames_folder_is_an_error(roots, tmp_path, capsys):
+    monkeypatch.setattr(dvs.np, 'load', load)
     root = tmp_path / 'copy'
     shutil.copytree(roots['cifar10-dvs'] / 'events_np', root / 'events_np')
     build_datasets(args_for('cifar10-dvs', root))
-    next((root / 'frames_number_2_split_by_number' / 'cat').glob('*.npz')).unlink()
-    err = run_expecting_error(capsys, 'cifar10-dvs', '--data-path', str(root))
-    assert 'holds the frames of 22 of the 23 samples' in err and 'Delete' in err
+    assert len(overlaps) >= 23 and not any(overlaps)
 
 
 def test_corrupt_download_is_reported_and_kept(tmp_path, capsys):
@@ -342,7 +307,7 @@ def test_corrupt_download_is_reported_and_kept(tmp_path, capsys):
 
 def test_bad_frame_options(roots, capsys):
     err = run_expecting_error(capsys, 'cifar10-dvs', '--data-path', str(roots['cifar10-dvs']), '--T_train', '1')
-    assert '--T_train 1 with --T 2' in err and 'STB head' in err
+    assert "'T_train' 1 with T 2" in err and 'STB head' in err  # checked with the options
     err = run_expecting_error(capsys, 'cifar10-dvs', '--data-path', str(roots['cifar10-dvs']), '--img-size', '64')
     assert 'img_size must be 128' in err
     train_set, _ = build_datasets(args_for('cifar10-dvs', roots['cifar10-dvs'], '--T_train', '2', '--dataset',
@@ -350,15 +315,9 @@ def test_bad_frame_options(roots, capsys):
     assert len(train_set) == 21
 
 
-def aedat(events):
-    """An original CIFAR10-DVS file: AER-DAT 2.0 header, then big-endian (address, timestamp) pairs."""
-    header = b'#!AER-DAT2.0\r\n# This is a raw AE data file\r\n# created for a test\r\n'
-    address = (events['row'] << 8) | (events['column'] << 1) | events['polarity']
-    return header + np.stack([address, events['t']], 1).astype('>u4').tobytes()
-
-
 class NumpyWithBinaryFromstring:
-    """numpy with the binary ``fromstring`` that spikingjelly's CIFAR10-DVS reader needs (numpy 2 removed it)."""
+    """numpy with the binary ``fromstring`` that spikingjelly 0.0.0.0.14's CIFAR10-DVS reader needs (numpy 2.4
+    removed it; spikingjelly 2 reads with ``frombuffer``)."""
 
     def __getattr__(self, name):
         return getattr(np, name)
@@ -370,18 +329,7 @@ class NumpyWithBinaryFromstring:
 
 def test_cifar10_dvs_from_the_original_archives(tmp_path, monkeypatch):
     root = tmp_path / 'CIFAR10DVS'
-    (root / 'download').mkdir(parents=True)
-    resources = []
-    for label, count in CIFAR_CLASSES.items():
-        archive = root / 'download' / f'{label}.zip'
-        with zipfile.ZipFile(archive, 'w') as zf:
-            for i in range(count):
-                rng = np.random.default_rng(i)
-                n = 30 + i
-                zf.writestr(f'{label}/cifar10_{label}_{i}.aedat', aedat(
-                    {'row': rng.integers(0, 128, n), 'column': rng.integers(0, 128, n),
-                     'polarity': rng.integers(0, 2, n), 't': np.arange(n) * 7}))
-        resources.append((archive.name, 'https://example.org', hashlib.md5(archive.read_bytes()).hexdigest()))
+    resources = write_cifar10_dvs_archives(root / 'download', CIFAR_CLASSES)
     monkeypatch.setattr(cifar10_dvs.CIFAR10DVS, 'resource_url_md5', staticmethod(lambda: resources))
     train_set, test_set = build_datasets(args_for('cifar10-dvs', root))
     assert (len(train_set), len(test_set)) == (21, 2)
@@ -391,7 +339,8 @@ def test_cifar10_dvs_from_the_original_archives(tmp_path, monkeypatch):
     source = root / 'extract' / 'cat' / 'cifar10_cat_5.aedat'
     ours = read_cifar10_dvs_events(source)
     monkeypatch.setattr(cifar10_dvs, 'np', NumpyWithBinaryFromstring())
-    theirs = cifar10_dvs.CIFAR10DVS.load_origin_data(str(source))
+    spikingjelly_reader = getattr(cifar10_dvs.CIFAR10DVS, 'load_origin_data', None) or cifar10_dvs._load_origin_data
+    theirs = spikingjelly_reader(str(source))
     for key in 't', 'x', 'y', 'p':
         assert np.array_equal(ours[key], theirs[key]), key
     stored = np.load(root / 'events_np' / 'cat' / 'cifar10_cat_5.npz')

@@ -98,32 +98,3 @@ class CIFAR(Dataset):
             image = self.transform(image)
         return image, self.targets[index]
 
-
-def write_synthetic_cifar(root, name='cifar10', train_per_class=20, test_per_class=5, num_classes=None, seed=0):
-    """Write a small, learnable CIFAR-layout dataset: each class is a distinct colour pattern plus noise.
-
-    Used by the tests and ``make demo``; the files have the real format (pickled dicts of uint8 rows).
-    """
-    folder_name, train_files, test_files, label_key, meta_file, names_key = LAYOUTS[name]
-    num_classes = num_classes or (10 if name == 'cifar10' else 100)
-    rng = np.random.default_rng(seed)
-    patterns = rng.integers(0, 256, size=(num_classes, 3, 4, 4)).repeat(8, axis=2).repeat(8, axis=3)
-
-    def make(per_class):
-        labels = np.repeat(np.arange(num_classes), per_class)
-        rng.shuffle(labels)
-        noise = rng.normal(0, 40, size=(len(labels), 3, 32, 32))
-        images = np.clip(patterns[labels] + noise, 0, 255).astype(np.uint8)
-        return images.reshape(len(labels), -1), labels.tolist()
-
-    folder = Path(root) / folder_name
-    folder.mkdir(parents=True, exist_ok=True)
-    for files, per_class in ((train_files, train_per_class), (test_files, test_per_class)):
-        data, labels = make(per_class)
-        for i, file in enumerate(files):
-            part = slice(i * len(labels) // len(files), (i + 1) * len(labels) // len(files))
-            with open(folder / file, 'wb') as f:
-                pickle.dump({b'data': data[part], label_key: labels[part]}, f)
-    with open(folder / meta_file, 'wb') as f:
-        pickle.dump({names_key: [f'class{i}'.encode() for i in range(num_classes)]}, f)
-    return folder

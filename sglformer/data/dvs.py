@@ -1,36 +1,22 @@
-"""CIFAR10-DVS and DVS128 Gesture as event frames, read with spikingjelly's own dataset classes.
+"""CIFAR10-DVS and DVS128 Gesture as event frames ``[T, 2, 128, 128]`` in spikingjelly's folder layout
+(``download/``, ``extract/``, ``events_np/``, ``frames_number_<T>_split_by_number/``), with the authors'
+splits. docs/datasets.md describes the layout, the splits and what is made from what.
 
-A sample is a float32 tensor ``[T, 2, 128, 128]``: spikingjelly (``data_type='frame',
-frames_number=T, split_by='number'``) cuts the sample's events into T slices of equal event count
-and counts, per pixel and polarity, the events of each slice. The data folder has spikingjelly's
-layout::
+spikingjelly (0.0.0.0.14 and 2.0.0 alike) lists the frames folder and reads its files. The rest is done
+here, for its failure modes:
 
-    <root>/download/            the original files (read once, then no longer needed)
-    <root>/extract/             the unpacked originals (made from download/)
-    <root>/events_np/           one .npz of events (t, x, y, p) per sample (made from extract/):
-                                  CIFAR10-DVS:    events_np/<class>/<sample>.npz
-                                  DVS128 Gesture: events_np/train|test/<label>/<sample>.npz
-    <root>/frames_number_<T>_split_by_number/   the integrated frames, same tree (made once per T)
-
-Whatever is missing is made from the level above it, once; while events_np/ is missing, download/ must
-hold the original files (as spikingjelly requires), else the error says where they come from. Nothing is
-downloaded.
-
-Splits: CIFAR10-DVS has none; as the authors do, the first 90% (rounded up) of each class's samples in
-dataset order (spikingjelly's: class folders and file names sorted as strings) are the training set and
-the rest the test set. DVS128 Gesture has its own train/test split. Labels are spikingjelly's: the
-class folders' indices in string order (DVS128's folder ``10`` is label 2), as in the authors' runs.
-
-Two departures from running spikingjelly 0.0.0.0.14 unattended, both about its failure modes:
-
-- spikingjelly's reader of the original CIFAR10-DVS files uses the binary mode of ``numpy.fromstring``,
-  which current numpy (2.4) has removed, and its conversion threads drop exceptions, leaving empty
-  class folders. The conversion from extract/ to events_np/ is therefore done here (same decoding,
-  same files); frames are still integrated by spikingjelly.
-- The original files are checked against spikingjelly's MD5 sums before it sees them (it deletes a
-  file whose sum differs), and the frames folder is checked against events_np/ afterwards (its
-  integration threads drop exceptions too, and an interrupted run leaves a partial folder that later
-  runs would trust).
+- CIFAR10-DVS's original files are converted to events_np/ here (same decoding, same files). 0.0.0.0.14
+  reads them with numpy's binary ``fromstring``, removed in numpy 2.4, and its conversion threads drop
+  their exceptions, leaving class folders short of files; 2.0.0 fixed both, but its error does not name
+  the file and leaves ``events_np.building``, which stops every later run until it is deleted by hand.
+- Frames are integrated here, with spikingjelly's integration function, each file written under a
+  temporary name and then renamed. 0.0.0.0.14's integration threads drop their exceptions; 2.0.0's raise
+  them without the file's name and leave a ``.building`` marker. Events files are opened one at a time
+  (see read_events).
+- The original files are checked against spikingjelly's MD5 sums before it sees them: both versions
+  delete a file whose sum differs.
+- A file that cannot be read is named in an UnreadableSampleError, with the file or folder whose deletion
+  lets the next run make it again.
 """
 import contextlib
 import importlib
@@ -39,6 +25,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,18 +33,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from spikingjelly import configure as spikingjelly_configure
+from spikingjelly.datasets import integrate_events_by_fixed_frames_number, np_savez
 from torch.utils.data import Dataset
-from spikingjelly.datasets import integrate_events_file_to_frames_file_by_fixed_frames_number
 from torchvision.datasets.utils import check_integrity, extract_archive
 
 from ..augment import EventAugment
 from ..config import ConfigError
 from .cifar import DatasetError
+from .unreadable import UnreadableSampleError
 
 _logger = logging.getLogger(__name__)
 
 SENSOR_SIZE = 128  # both sensors are 128 x 128; spikingjelly hard-codes it
 TRAIN_RATIO = 0.9  # CIFAR10-DVS: share of each class used for training
+EVENT_ARRAYS = ('t', 'x', 'y', 'p')
+_NPZ_READ_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -107,22 +98,42 @@ def per_class_split(targets, train_ratio=TRAIN_RATIO):
     return train, test
 
 
+@dataclass(frozen=True)
+class FrameFiles:
+    """Where a frame dataset's files are, for the advice of its errors."""
+    title: str
+    events: Path  # events_np/
+    frames: Path  # frames_number_<T>_split_by_number/
+
+    def unreadable_frames(self, path, exc):
+        events_file = self.events / Path(path).relative_to(self.frames)
+        return UnreadableSampleError(
+            f'{path} cannot be read ({type(exc).__name__}: {exc}); it is a {self.title} frames file, a partial or '
+            f'damaged one. Delete it (or the whole {self.frames}): the next run integrates it again from '
+            f'{events_file}', path=path)
+
+
 class EventFrames(Dataset):
     """The samples ``indices`` of a spikingjelly frame dataset as float32 tensors ``[T, 2, H, W]``,
     passed through ``transform`` when one is given."""
 
-    def __init__(self, base, indices, transform=None):
+    def __init__(self, base, indices, files, transform=None):
         self.base = base
         self.indices = list(indices)
+        self.files = files
         self.transform = transform
         self.classes = base.classes
-        self.targets = [base.targets[i] for i in self.indices]
+        self.samples = [base.samples[i] for i in self.indices]
+        self.targets = [target for _, target in self.samples]
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, index):
-        frames, target = self.base[self.indices[index]]
+        try:
+            frames, target = self.base[self.indices[index]]
+        except Exception as exc:  # whatever numpy raises for a truncated or foreign file
+            raise self.files.unreadable_frames(self.samples[index][0], exc) from None
         frames = torch.from_numpy(frames)
         if self.transform is not None:
             frames = self.transform(frames)
@@ -146,12 +157,12 @@ def build_event_datasets(args, name, training=True):
     else:
         train_base = test_base = bases['all']
         train_indices, test_indices = per_class_split(train_base.targets)
-    train = EventFrames(train_base, train_indices, EventAugment(hflip=args.hflip)) if training else None
-    evaluation = EventFrames(test_base, test_indices)
+    files = FrameFiles(info.title, root / 'events_np', _frames_folder(root, frames_number))
+    train = EventFrames(train_base, train_indices, files, EventAugment(hflip=args.hflip)) if training else None
+    evaluation = EventFrames(test_base, test_indices, files)
     total = sum(len(base) for base in bases.values())
     _logger.info('%s: %d frames per sample from %s; %d training and %d test samples, %d classes', info.title,
-                 frames_number, _frames_folder(root, frames_number), len(train_indices), len(test_indices),
-                 len(classes))
+                 frames_number, files.frames, len(train_indices), len(test_indices), len(classes))
     if total != info.full_size:
         _logger.warning('%s under %s has %d samples, the complete dataset %d: fine for a subset of your own; '
                         'otherwise an earlier conversion was interrupted, and deleting %s and %s rebuilds them',
@@ -163,12 +174,6 @@ def _frames_number(args):
     frames = args.time_step
     if frames is None or frames < 1:
         raise ConfigError('set the number of frames per sample T: time_step in the YAML file or --T')
-    if args.T_train is not None and args.T_train != frames:
-        raise ConfigError(
-            f'--T_train {args.T_train} with --T {frames}: the STB head (full_size_conv) has a kernel spanning exactly '
-            f'T time steps, so the model cannot train on {args.T_train} frames and be evaluated on {frames} (the '
-            f"authors' script fails the same way, inside the convolution). To train and evaluate on "
-            f'{args.T_train} frames pass --T {args.T_train}')
     if args.img_size not in (None, SENSOR_SIZE):
         raise ConfigError(f'img_size must be {SENSOR_SIZE} for event data (spikingjelly integrates the events on '
                           f'the {SENSOR_SIZE}x{SENSOR_SIZE} sensor grid), got {args.img_size}')
@@ -192,51 +197,39 @@ def _frames_folder(root, frames_number):
 
 
 def _frame_datasets(root, info, frames_number):
-    """spikingjelly's frame datasets by split (``all`` for CIFAR10-DVS), after making sure that what
-    they are built from is there and complete."""
+    """spikingjelly's frame datasets by split (``all`` for CIFAR10-DVS), after making what they are
+    built from: events_np/ when absent, then the frames events_np/ has and the frames folder lacks."""
     if not root.is_dir():
         raise DatasetError(_not_found(root, info, f'{root} does not exist'))
-    spikingjelly_class = info.spikingjelly_class()
-    events = root / 'events_np'
-    frames = _frames_folder(root, frames_number)
-    if events.is_dir():
+    _check_unfinished(root, frames_number)
+    if (root / 'events_np').is_dir():
         _check_events(root, info)
     else:
-        _check_downloads(root, info, spikingjelly_class.resource_url_md5())
-        if info.converts_here:
-            _convert_cifar10_dvs(root)
-        else:
-            _logger.info('%s: spikingjelly extracts and converts the files in %s to %s (once; this takes a while)',
-                         info.title, root / 'download', events)
-    integrate = not frames.is_dir()
-    if integrate:
-        _logger.info('%s: spikingjelly integrates the events into %d frames per sample under %s (once)', info.title,
-                     frames_number, frames)
-    else:
-        _check_frames(events, frames)
-    start = time.perf_counter()
+        _make_events(root, info)
+    _integrate_missing(root, info, frames_number)
     options = dict(data_type='frame', frames_number=frames_number, split_by='number')
     splits = {split: {'train': split == 'train'} for split in info.splits} or {'all': {}}
-    captured = io.StringIO()  # spikingjelly prints a line per file
+    captured = io.StringIO()  # spikingjelly 0.0.0.0.14 prints a line per folder
     try:
         with contextlib.redirect_stdout(captured):
-            bases = {split: spikingjelly_class(str(root), **options, **train) for split, train in splits.items()}
-            if integrate and _missing_frames(events, frames):
-                # spikingjelly's integration threads drop their exceptions, and numpy's header parser
-                # (ast.literal_eval) fails now and then when threads call it together on CPython 3.11.7:
-                # integrate what is missing here, one file at a time, and list the files again.
-                _integrate_one_by_one(spikingjelly_class, events, frames, frames_number)
-                bases = {split: spikingjelly_class(str(root), **options, **train) for split, train in splits.items()}
+            return {split: info.spikingjelly_class()(str(root), **options, **train) for split, train in splits.items()}
     except (OSError, NotImplementedError) as exc:
-        _check_frames(events, frames)
         raise DatasetError(f'spikingjelly could not read {info.title} under {root}: {exc}') from None
     finally:
         if captured.getvalue():
             _logger.debug('spikingjelly: %s', captured.getvalue().rstrip())
-    _check_frames(events, frames)
-    if integrate:
-        _logger.info('%s: frames ready after %.0f s', info.title, time.perf_counter() - start)
-    return bases
+
+
+def _check_unfinished(root, frames_number):
+    """spikingjelly 2 marks a folder it is making with ``<folder>.building``; when making it fails, the
+    marker stays and spikingjelly refuses every later run. events_np/ is made from extract/, which
+    spikingjelly uses unchecked when it is there, so that goes too."""
+    for folder, source in ((root / 'events_np', root / 'extract'), (_frames_folder(root, frames_number), None)):
+        marker = folder.with_name(f'{folder.name}.building')
+        if marker.exists():
+            delete = [str(path) for path in (marker, folder, source) if path is not None and path.exists()]
+            raise DatasetError(f"{marker} marks an unfinished conversion by spikingjelly: delete {', '.join(delete)}; "
+                               'the next run makes them again')
 
 
 def _class_counts(folder):
@@ -283,6 +276,18 @@ def _not_found(root, info, what):
             f'{sources}. Pass the folder with --data-path')
 
 
+def _make_events(root, info):
+    """events_np/ from the original files: CIFAR10-DVS's here (from extract/ when it is there, else from
+    the checked download/), DVS128 Gesture's by spikingjelly (from the checked download/)."""
+    if not (info.converts_here and (root / 'extract').is_dir()):
+        _check_downloads(root, info, info.spikingjelly_class().resource_url_md5())
+    if info.converts_here:
+        _convert_cifar10_dvs(root)
+    else:
+        _spikingjelly_converts(root, info)
+    _check_events(root, info)
+
+
 def _check_downloads(root, info, resources):
     download = root / 'download'
     missing = [name for name, _, _ in resources if not (download / name).is_file()]
@@ -298,12 +303,27 @@ def _check_downloads(root, info, resources):
                            f'{expected}); a broken or partial download? Download them again')
 
 
+def _spikingjelly_converts(root, info):
+    events = root / 'events_np'
+    _logger.info('%s: spikingjelly extracts and converts the files in %s to %s (once; this takes a while)',
+                 info.title, root / 'download', events)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            info.spikingjelly_class()(str(root), data_type='event', **({'train': True} if info.splits else {}))
+    except Exception as exc:  # spikingjelly 2 passes on whatever its readers raise, without the file's name
+        made = [str(path) for path in (root / 'extract', events, root / 'events_np.building') if path.exists()]
+        raise DatasetError(f"spikingjelly could not convert the files in {root / 'download'} ({type(exc).__name__}: "
+                           f"{exc}). Delete what it made of them ({', '.join(made) or 'nothing yet'}) and run again; "
+                           'if that fails the same way, download them again') from None
+    finally:
+        if captured.getvalue():
+            _logger.debug('spikingjelly: %s', captured.getvalue().rstrip())
+
+
 def _convert_cifar10_dvs(root):
     """extract/ from download/ (when absent), then events_np/ from extract/; each is written under a
     temporary name and renamed when complete."""
-    from spikingjelly import configure
-    from spikingjelly.datasets import np_savez
-
     extract = root / 'extract'
     if not extract.is_dir():
         partial = root / 'extract.partial'
@@ -326,21 +346,13 @@ def _convert_cifar10_dvs(root):
 
     def convert(path):
         try:
-            np_savez(partial / path.parent.name / f'{path.stem}.npz', **read_cifar10_dvs_events(path))
-        except DatasetError:
-            raise
-        except OSError as exc:
-            raise DatasetError(f'converting {path}: {exc}') from None
+            events_of_file = read_cifar10_dvs_events(path)
+        except (DatasetError, OSError) as exc:
+            raise DatasetError(f'{exc}. Delete {extract} to have it extracted again from {root / "download"} '
+                               '(and download that archive again if this recurs)') from None
+        np_savez(partial / path.parent.name / f'{path.stem}.npz', **events_of_file)
 
-    workers = max(1, min(os.cpu_count() or 1, configure.max_threads_number_for_datasets_preprocess))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(convert, path) for path in files]
-        try:
-            for future in futures:
-                future.result()
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
+    _run_in_threads(convert, files)
     partial.rename(events)
 
 
@@ -376,27 +388,85 @@ def _header_length(data):
     return offset
 
 
+def _run_in_threads(function, items):
+    """``function(item)`` for every item, on as many threads as spikingjelly uses for preprocessing; the
+    first exception (in item order) cancels the items not started and is raised."""
+    workers = max(1, min(os.cpu_count() or 1, spikingjelly_configure.max_threads_number_for_datasets_preprocess))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(function, item) for item in items]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def read_events(path):
+    """The t, x, y and p arrays of an events_np file. One thread at a time: numpy's parser of the arrays'
+    headers (ast.literal_eval) has failed now and then when threads called it together on CPython 3.11.7,
+    whichever spikingjelly is installed."""
+    with _NPZ_READ_LOCK:
+        archive = np.load(path)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError('a single array, not an .npz archive of arrays')
+        with archive:
+            missing = [name for name in EVENT_ARRAYS if name not in archive.files]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)} array; it holds {', '.join(archive.files) or 'none'}")
+            return {name: archive[name] for name in EVENT_ARRAYS}
+
+
 def _missing_frames(events, frames):
     """Samples of events_np (paths relative to it) without a frames file."""
-    expected = {path.relative_to(events) for path in events.rglob('*.npz')} if events.is_dir() else set()
+    expected = {path.relative_to(events) for path in events.rglob('*.npz')}
     present = {path.relative_to(frames) for path in frames.rglob('*.npz')} if frames.is_dir() else set()
     return sorted(expected - present)
 
 
-def _integrate_one_by_one(spikingjelly_class, events, frames, frames_number):
-    height, width = spikingjelly_class.get_H_W()
-    for sample in _missing_frames(events, frames):
-        integrate_events_file_to_frames_file_by_fixed_frames_number(
-            spikingjelly_class.load_events_np, str(events / sample), str((frames / sample).parent), 'number',
-            frames_number, height, width)
-
-
-def _check_frames(events, frames):
-    """Every sample of events_np has its frames file (spikingjelly's integration threads drop errors,
-    and an interrupted run leaves a partial folder)."""
+def _integrate_missing(root, info, frames_number):
+    """The frames of each events_np sample that has no frames file (all of them the first time), by
+    spikingjelly's integration function; each file is written under a temporary name, then renamed, so
+    that an interrupted run leaves only whole files."""
+    events, frames = root / 'events_np', _frames_folder(root, frames_number)
     missing = _missing_frames(events, frames)
-    if missing:
-        total = sum(1 for _ in events.rglob('*.npz'))
-        raise DatasetError(f'{frames} holds the frames of {total - len(missing)} of the {total} '
-                           f'samples in {events} (missing: {missing[0]}, ...): an earlier integration was interrupted '
-                           f'or failed. Delete {frames}; the next run integrates the events again')
+    if not missing:
+        return
+    height, width = info.spikingjelly_class().get_H_W()
+    _logger.info('%s: integrating the events of %d samples into %d frames each under %s', info.title,
+                 len(missing), frames_number, frames)
+    start = time.perf_counter()
+
+    def integrate(sample):
+        try:
+            stack = integrate_events_by_fixed_frames_number(read_events(events / sample), 'number', frames_number,
+                                                            height, width)
+        except Exception as exc:  # a truncated or foreign file, missing arrays, events off the sensor
+            raise UnreadableSampleError(_unreadable_events(root, info, events / sample, exc),
+                                        path=events / sample) from None
+        target = frames / sample
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f'.{target.name}.partial')
+        with open(partial, 'wb') as f:
+            np_savez(f, frames=stack)
+        partial.replace(target)
+
+    _run_in_threads(integrate, missing)
+    _logger.info('%s: frames ready after %.0f s', info.title, time.perf_counter() - start)
+
+
+def _unreadable_events(root, info, path, exc):
+    """The error message for an events_np file that cannot be used, with the way to rebuild it that the
+    data folder allows: events_np/ is made from the original files, never from frames."""
+    events, download = root / 'events_np', root / 'download'
+    extracted = info.converts_here and any((root / 'extract').glob('*/*.aedat'))
+    downloaded = all((download / name).is_file() for name, _, _ in info.spikingjelly_class().resource_url_md5())
+    if extracted or downloaded:
+        rebuild = (f'or delete {events}: the next run converts the original files in '
+                   f"{root / 'extract' if extracted else download} again")
+    else:
+        rebuild = (f'or, to have the sample back, put the original files ({info.origin}) into {download}/ and delete '
+                   f'{events}, so that the next run converts them again')
+    return (f'{path} cannot be read ({type(exc).__name__}: {exc}); it is a {info.title} sample, in the events that '
+            f'the frames are made from, and cannot be made from the frames. Delete it to go on without the sample, '
+            f'{rebuild}')

@@ -3,17 +3,32 @@
 the same in both splits (for ImageNet the WordNet ids, e.g. ``train/n01440764/n01440764_10026.JPEG``).
 Labels are the class folders' indices in sorted order.
 """
+import functools
 from pathlib import Path
 
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import default_loader
 
 from .cifar import DatasetError
+from .unreadable import UnreadableSampleError
 
 LAYOUT = ('expected {root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG, one folder per class with the same '
           'names in both (e.g. train/n01440764/n01440764_10026.JPEG, val/n01440764/ILSVRC2012_val_00000293.JPEG). '
           'Unpack ILSVRC2012_img_train.tar and its per-class tars into train/, ILSVRC2012_img_val.tar into val/ and '
           'move each validation image into the folder of its class (the widely used valprep.sh script does this), '
           'then pass --data_path pointing at the folder holding train/ and val/')
+
+
+def read_image(path, folder):
+    """torchvision's image loader, with an error that names the file (PIL's, e.g. 'Truncated File
+    Read' for a partial JPEG, does not)."""
+    try:
+        return default_loader(path)
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... by format and damage
+        raise UnreadableSampleError(
+            f'{path} cannot be read as an image ({type(exc).__name__}: {exc}); it is an image of {folder}, a partial '
+            'or damaged copy. Copy it again from the original archive, or delete it: the next run goes on without '
+            'it', path=path) from None
 
 
 def _class_folders(folder):
@@ -25,7 +40,7 @@ def _image_folder(root, split, transform):
     if not folder.is_dir():
         raise DatasetError(f'{folder} not found: {LAYOUT.format(root=root)}')
     try:
-        return ImageFolder(str(folder), transform=transform)
+        return ImageFolder(str(folder), transform=transform, loader=functools.partial(read_image, folder=folder))
     except FileNotFoundError as exc:  # no class folders, or a class folder without images
         raise DatasetError(f'{folder}: {exc}; {LAYOUT.format(root=root)}') from None
 
