@@ -128,9 +128,9 @@ def load_checkpoint(model, path, strict=True, use_ema=False, drop_mismatched_hea
     return checkpoint
 
 
-def save_checkpoint(obj, path):
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash mid-write leaves
-    any previous file at ``path`` intact."""
+def write_atomically(path, write):
+    """Call ``write(binary_file)`` on a temporary file beside ``path``, flush it to the disk, then rename it
+    over ``path``: a crash or a failed write at any moment leaves the old file or the new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
@@ -139,10 +139,26 @@ def save_checkpoint(obj, path):
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     try:
         with os.fdopen(handle, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    sync_folder(path.parent)
+
+
+def sync_folder(folder):
+    """Flush a folder's entries (renames, new links) to the disk, so that they survive a power cut."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def save_checkpoint(obj, path):
+    """``torch.save`` through :func:`write_atomically`: any previous file at ``path`` stays intact until the
+    new one is complete."""
+    write_atomically(path, lambda f: torch.save(obj, f))

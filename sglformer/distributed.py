@@ -1,9 +1,19 @@
 """torch.distributed set-up for runs under ``torchrun`` (env:// rendezvous), and one-process runs."""
+import contextlib
+import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# What torch's collectives report when a peer stopped answering or went away.
+_STALL_MESSAGES = ('timed out', 'timeout', 'connection closed by peer', 'connection reset by peer')
+
+
+class DistributedError(RuntimeError):
+    """A process of a distributed run stopped answering within the timeout."""
 
 
 @dataclass(frozen=True)
@@ -21,13 +31,18 @@ class DistInfo:
         return self.rank == 0
 
 
+_health_group = None  # a second gloo group: after a collective failed, it finds out who stopped answering
+
+
 def default_device():
     return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
-def init_distributed(device_type):
+def init_distributed(device_type, timeout_minutes=30.0):
     """Join the process group that ``torchrun`` describes in the environment (nccl on CUDA, gloo
-    on CPU); a plain ``python train.py`` is a group of one and needs no set-up."""
+    on CPU); a plain ``python train.py`` is a group of one and needs no set-up. A collective that
+    waits longer than ``timeout_minutes`` for another process fails (see :func:`stall_watch`)."""
+    global _health_group
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     if world_size <= 1:
         return DistInfo()
@@ -35,8 +50,38 @@ def init_distributed(device_type):
     if not dist.is_initialized():
         if device_type == 'cuda':
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo', init_method='env://')
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo', init_method='env://', timeout=timeout)
+        _health_group = dist.new_group(backend='gloo', timeout=timeout)
     return info
+
+
+def _unanswered_ranks():
+    """The ranks that do not reach a barrier within a few seconds, as far as this process can tell
+    (rank 0 hears from everyone; the others only from rank 0)."""
+    try:
+        dist.monitored_barrier(group=_health_group, timeout=datetime.timedelta(seconds=5), wait_all_ranks=True)
+    except RuntimeError as exc:
+        found = re.search(r'Ranks? ([\d, ]+) failed to pass', str(exc))
+        return found.group(1).strip() if found else '0'
+    return None
+
+
+@contextlib.contextmanager
+def stall_watch(info, timeout_minutes):
+    """Turn a collective that failed because another process stopped answering into one
+    :class:`DistributedError` naming that process."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not (info.enabled and any(text in str(exc).lower() for text in _STALL_MESSAGES)):
+            raise
+        ranks = _unanswered_ranks() if _health_group is not None else None
+        who = f'process rank {ranks}' if ranks is not None else 'another process'
+        raise DistributedError(
+            f'{who} of this {info.world_size}-process run stopped answering (rank {info.rank} waited up to '
+            f'{timeout_minutes:g} min, the --dist-timeout); the run ends here. A stuck data loader or file '
+            f'system is the usual cause. Torch reported: {str(exc).splitlines()[0][:200]}') from None
 
 
 def all_reduce_sum(values, device):
@@ -54,5 +99,7 @@ def barrier():
 
 
 def shutdown():
+    global _health_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _health_group = None
