@@ -1,8 +1,9 @@
 """The training and evaluation loops shared by every dataset folder.
 
 ``train_one_epoch`` handles AMP with a gradient scaler, gradient accumulation (with DDP's ``no_sync``
-on the micro-batches that do not step), clipping, per-iteration learning-rate updates, mixup and a
-progress display; ``evaluate`` returns loss, top-1 and top-5 summed exactly over all processes.
+on the micro-batches that do not step), clipping, per-iteration learning-rate updates and a progress
+display; ``evaluate`` returns loss, top-1 and top-5 summed exactly over all processes. Both take
+batches already on the device and augmented (:class:`sglformer.data.Batches`).
 """
 import contextlib
 import logging
@@ -30,9 +31,9 @@ def autocast(device, enabled):
     return contextlib.nullcontext()
 
 
-def _progress(loader, description, enabled):
+def _progress(batches, description, enabled, total):
     # A live bar on a terminal; in logs and CI the periodic log lines carry the same numbers.
-    return tqdm(loader, desc=description, leave=False, dynamic_ncols=True, file=sys.stderr,
+    return tqdm(batches, desc=description, total=total, leave=False, dynamic_ncols=True, file=sys.stderr,
                 disable=not (enabled and sys.stderr.isatty()))
 
 
@@ -41,27 +42,22 @@ def _format_seconds(seconds):
     return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-def train_one_epoch(model, loader, optimizer, loss_fn, device, epoch, num_epochs, *, scaler=None, amp=False,
-                    mixup_fn=None, accum_iter=1, clip_grad=None, lr_at=None, log_interval=50, is_main=True,
-                    world_size=1):
-    """Train for one epoch; returns ``{'loss', 'lr', 'img_per_s', 'grad_norm'}`` of this process.
+def train_one_epoch(model, batches, steps, optimizer, loss_fn, device, epoch, num_epochs, *, scaler=None, amp=False,
+                    accum_iter=1, clip_grad=None, lr_at=None, log_interval=50, is_main=True, world_size=1):
+    """Train for one epoch over ``steps`` batches; returns ``{'loss', 'lr', 'img_per_s', 'grad_norm'}``
+    of this process.
 
     ``lr_at(epoch_float)``, when given, sets the learning rate before every optimiser step
     (per-iteration schedules); otherwise the caller's epoch scheduler owns it.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    steps = len(loader)
     loss_sum, seen, grad_norm = 0.0, 0, float('nan')
     start = time.perf_counter()
-    bar = _progress(loader, f'epoch {epoch}', is_main)
+    bar = _progress(batches, f'epoch {epoch}', is_main, steps)
     for step, (images, targets) in enumerate(bar):
         if lr_at is not None and step % accum_iter == 0:
             lr_at(epoch + step / steps)
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            images, targets = mixup_fn(images, targets)
         updates = (step + 1) % accum_iter == 0 or step + 1 == steps
         sync = contextlib.nullcontext() if updates or not hasattr(model, 'no_sync') else model.no_sync()
         with sync:
@@ -106,14 +102,13 @@ def _optimizer_step(model, optimizer, scaler, clip_grad):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp=False, is_main=True):
-    """Cross-entropy loss, top-1 and top-5 accuracy (percent) over the loader, summed over processes."""
+def evaluate(model, batches, steps, device, amp=False, is_main=True):
+    """Cross-entropy loss, top-1 and top-5 accuracy (percent) over the batches, summed over processes.
+    ``amp``: under fp16 autocast (the CIFAR and ImageNet scripts evaluate so, the DVS ones in float32)."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction='sum')
     totals = [0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, images
-    for images, targets in _progress(loader, 'eval', is_main):
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+    for images, targets in _progress(batches, 'eval', is_main, steps):
         with autocast(device, amp):
             logits = model(images)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices

@@ -1,19 +1,14 @@
-"""The ImageNet recipe's optimiser pieces: the learning rate from a base rate per 256 images,
-layer-wise learning-rate decay parameter groups, and the per-iteration half-cycle cosine schedule.
+"""The optimiser and the learning-rate schedule of a training run (docs/training.md).
 
-Layers, from the input to the output: the tokenizer (``patch_embed``, or ``stem`` and ``tokenizer``
-on CIFAR and DVS) is layer 0; then each module of ``localblock`` and of ``blocks``, in that order, is
-one layer (on ImageNet: ``localblock.0`` is 1, ``blocks.i`` is i + 2); everything after the blocks (the
-classifier, and the STB head on CIFAR and DVS) is the last layer L. A parameter of layer l learns at
-``lr x layer_decay ** (L - l)``: with ``layer_decay`` 1.0 every group learns at ``lr``.
+The optimiser is timm's ``create_optimizer_v2`` over timm's parameter groups (no weight decay for
+biases and other 1-D parameters, frozen parameters left out). That is also what the authors' ImageNet
+layer-decay groups amount to on these models: their rule puts every parameter in the last layer, so
+every group learns at the full rate whatever ``layer_decay`` is.
 """
-import logging
 import math
 
-_logger = logging.getLogger(__name__)
-
-EMBEDDING = ('patch_embed', 'stem', 'tokenizer')
-STAGES = ('localblock', 'blocks')  # sequences of layers, in the order the forward pass runs them
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
 
 
 def absolute_lr(blr, images_per_step):
@@ -22,50 +17,20 @@ def absolute_lr(blr, images_per_step):
     return blr * images_per_step / 256
 
 
-def layer_ids(model):
-    """``(ids, last)``: the layer of every parameter name, and the id of the last layer."""
-    offsets, last = {}, 1
-    for stage in STAGES:
-        modules = getattr(model, stage, None)
-        if modules is not None:
-            offsets[stage] = last
-            last += len(modules)
-    ids = {}
-    for name, _ in model.named_parameters():
-        top, _, rest = name.partition('.')
-        if top in EMBEDDING:
-            ids[name] = 0
-        elif top in offsets:
-            ids[name] = offsets[top] + int(rest.partition('.')[0])
-        else:
-            ids[name] = last
-    return ids, last
-
-
-def layer_decay_groups(model, weight_decay, layer_decay=1.0):
-    """Optimiser parameter groups, one per (layer, with or without weight decay), each with its
-    ``lr_scale``. Biases and other 1-D parameters (BatchNorm) get no weight decay; frozen parameters
-    are left out."""
-    ids, last = layer_ids(model)
-    groups = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decays = param.ndim > 1 and not name.endswith('.bias')
-        key = (ids[name], decays)
-        if key not in groups:
-            groups[key] = {'params': [], 'weight_decay': weight_decay if decays else 0.0,
-                           'lr_scale': layer_decay ** (last - ids[name])}
-        groups[key]['params'].append(param)
-    _logger.debug('%d parameter groups over %d layers (layer decay %g)', len(groups), last + 1, layer_decay)
-    # The full-rate groups first: the progress lines and logs show the first group's rate.
-    return sorted(groups.values(), key=lambda group: -group['lr_scale'])
+def build_optimizer(cfg, model):
+    extra = {key: value for key, value in (('eps', cfg.opt_eps), ('betas', cfg.opt_betas and tuple(cfg.opt_betas)))
+             if value}
+    return create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                               **extra)
 
 
 class HalfCosine:
     """Per-iteration learning rate: a linear warm-up from 0 to ``lr`` over ``warmup_epochs``, then half
     a cosine from ``lr`` down to ``min_lr`` at ``epochs``. Calling it with a fractional epoch
-    (``epoch + step / steps``) sets every group of ``optimizer`` to that rate times its ``lr_scale``."""
+    (``epoch + step / steps``) sets every group of ``optimizer`` to that rate.
+
+    Ours rather than timm's cosine scheduler, which counts whole updates: the authors' schedule is a
+    function of the fractional epoch, and timm's rates differ from it in the last bits."""
 
     def __init__(self, optimizer, lr, min_lr, warmup_epochs, epochs):
         self.optimizer = optimizer
@@ -81,5 +46,26 @@ class HalfCosine:
     def __call__(self, epoch):
         lr = self.value(epoch)
         for group in self.optimizer.param_groups:
-            group['lr'] = lr * group.get('lr_scale', 1.0)
+            group['lr'] = lr
         return lr
+
+
+class Schedule:
+    """The learning rate over the run: :meth:`start_epoch` before each epoch, and ``lr_at(epoch_float)``
+    before each optimiser step where the schedule is per iteration (None otherwise)."""
+
+    def __init__(self, cfg, optimizer):
+        self.scheduler, self.lr_at = None, None
+        if cfg.sched == 'halfcos':
+            self.num_epochs = cfg.epochs
+            self.lr_at = HalfCosine(optimizer, cfg.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+        else:
+            self.scheduler, self.num_epochs = create_scheduler_v2(
+                optimizer, sched=cfg.sched, num_epochs=cfg.epochs, cooldown_epochs=cfg.cooldown_epochs,
+                min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs)
+
+    def start_epoch(self, epoch):
+        if self.lr_at is not None:
+            self.lr_at(epoch)
+        else:
+            self.scheduler.step(epoch)

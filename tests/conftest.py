@@ -1,13 +1,13 @@
 """Shared fixtures. Tests that need ../shared (goldens, manifests) skip with a reason where it is absent."""
 import contextlib
 import logging
+import socket
 from pathlib import Path
 
 import pytest
 import torch
 
 import sglformer
-from sglformer import engine, training
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = REPO_ROOT.parent / 'shared'
@@ -26,12 +26,30 @@ GOLDEN_MODELS = {
 }
 
 
+def free_port():
+    """A TCP port nobody listens on now, for a test's torch.distributed rendezvous (fixed ports collide
+    when two test runs share a machine)."""
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return str(probe.getsockname()[1])
+
+
 def shared_files(folder, pattern):
     """Files of ../shared/<folder> for parametrisation, or one skipped case saying why there are none."""
     files = sorted((SHARED / folder).glob(pattern))
     if not files:
         return [pytest.param(None, marks=pytest.mark.skip(reason=f'{SHARED / folder} is absent or empty'))]
     return [pytest.param(f, id=f.stem) for f in files]
+
+
+@pytest.fixture(scope='session', autouse=True)
+def one_thread():
+    """One intra-op thread: the tests' models are tiny, and on a small machine shared with other work
+    more threads stall each other on every step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -49,10 +67,11 @@ def _seed():
 def crash_at_epoch(epoch):
     """Within the block, training dies (KeyboardInterrupt) when it reaches ``epoch``, after the
     checkpoints of the epochs before it were written: a simulated crash."""
+    from sglformer import engine
     real = engine.train_one_epoch
 
     def crashing(*args, **kwargs):
-        if args[5] == epoch:
+        if args[6] == epoch:
             raise KeyboardInterrupt('simulated crash')
         return real(*args, **kwargs)
 
@@ -66,5 +85,6 @@ def crash_at_epoch(epoch):
 
 def train_script(folder, *flags):
     """Run ``<folder>/train.py`` in this process, as its ``__main__`` does."""
+    from sglformer import training
     return training.main(list(flags), default_config=REPO_ROOT / folder / f'{folder}.yml',
                          defaults={'model': FOLDER_MODELS[folder]})

@@ -15,44 +15,29 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import ColorJitter
 
-from conftest import REPO_ROOT, crash_at_epoch, train_script
+from conftest import REPO_ROOT, crash_at_epoch, free_port, train_script
 from sglformer import engine, optim
 from sglformer.checkpoint import read_checkpoint
 from sglformer.config import parse_args
 from sglformer.data import ShardSampler, image_transforms
+from sglformer.testing import write_image_folder
 
 CLASSES = ('n01440764', 'n01443537', 'n01484850', 'n01491361')
 TRAIN_PER_CLASS, VAL_PER_CLASS = 8, 3
 # A tiny sglformer_ima: 32x32 input, D=48, one local stage and one global block (with its frozen
 # LayerNorms, so that DDP without find_unused_parameters is exercised), T=1.
-SMALL = ['--model', 'sglformer_ima_8_384', '--dim', '48', '--num-heads', '4', '--layer', '3', '-T', '1',
+MODEL = ['--model', 'sglformer_ima_8_384', '--dim', '48', '--num-heads', '4', '--layer', '3', '-T', '1',
          '--input_size', '32', '--nb_classes', str(len(CLASSES)), '--num_workers', '0', '--no-pin_mem',
-         '--device', 'cpu', '--batch_size', '4', '--accum_iter', '2', '--warmup_epochs', '1']
+         '--device', 'cpu', '--batch_size', '4']
+SMALL = [*MODEL, '--accum_iter', '2', '--warmup_epochs', '1']  # training; evaluations take MODEL
 BLR, MIN_LR = 6e-4, 1e-6  # imagenet.yml
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread: on a small machine shared with other work, more stall each tiny step."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')
 def data_path(tmp_path_factory):
     """ImageNet's layout: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG, 40x48 JPEGs tinted by class."""
-    root = tmp_path_factory.mktemp('imagenet')
-    rng = np.random.default_rng(0)
-    for split, count in (('train', TRAIN_PER_CLASS), ('val', VAL_PER_CLASS)):
-        for label, wnid in enumerate(CLASSES):
-            folder = root / split / wnid
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 96, (40, 48, 3)) + np.array([40 * label, 160 - 40 * label, 80])
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f'{wnid}_{i}.JPEG')
-    return root
+    return write_image_folder(tmp_path_factory.mktemp('imagenet'), CLASSES,
+                              {'train': TRAIN_PER_CLASS, 'val': VAL_PER_CLASS})
 
 
 def train(*flags):
@@ -90,7 +75,7 @@ def test_run_folder_in_the_authors_layout(trained_run):
 
 
 def test_eval_prints_the_line_writes_json_and_warns_about_the_batch_size(tmp_path, data_path, trained_run, capsys):
-    metrics = train('--data_path', str(data_path), *SMALL, '--eval', '--resume',
+    metrics = train('--data_path', str(data_path), *MODEL, '--eval', '--resume',
                     str(trained_run / 'run' / 'checkpoint-last.pth'), '--output_dir', str(tmp_path))
     out, err = capsys.readouterr()
     assert out.strip().splitlines()[-1] == (
@@ -101,67 +86,66 @@ def test_eval_prints_the_line_writes_json_and_warns_about_the_batch_size(tmp_pat
     last = log_lines(trained_run / 'run')[-1]
     assert metrics['top1'] == last['test_acc1'] and metrics['loss'] == pytest.approx(last['test_loss'], rel=1e-9)
 
-    train('--data_path', str(data_path), *SMALL, '--eval', '--val-batch-size', '32', '--resume',
+    train('--data_path', str(data_path), *MODEL, '--eval', '--val-batch-size', '32', '--resume',
           str(trained_run / 'run' / 'checkpoint-last.pth'), '--output_dir', str(tmp_path))
     assert 'evaluating with' not in capsys.readouterr().err
 
 
-def test_optimizer_steps_once_per_accum_iter_at_the_scheduled_lr(tmp_path, data_path, monkeypatch):
+def test_optimizer_steps_once_per_accum_iter_at_the_scheduled_lr(tmp_path, data_path, monkeypatch, capsys):
     steps = []
     real_step = torch.optim.AdamW.step
 
     def counting_step(self, *args, **kwargs):
-        steps.append([(group['lr'], group['lr_scale']) for group in self.param_groups])
+        steps.append([group['lr'] for group in self.param_groups])
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, 'step', counting_step)
-    train('--data_path', str(data_path), *SMALL, '--epochs', '2', '--layer_decay', '0.5', '--output_dir',
-          str(tmp_path))
+    train('--data_path', str(data_path), *SMALL, '--epochs', '2', '--layer_decay', '0.5', '--output_dir', str(tmp_path))
+    assert "'layer_decay' has no effect" in capsys.readouterr().err
     micro_batches = len(CLASSES) * TRAIN_PER_CLASS // 4
     assert len(steps) == 2 * micro_batches // 2  # 2 epochs, one step per accum_iter = 2 micro-batches
 
     lr = BLR * 4 * 2 / 256
-    for k, groups in enumerate(steps):
+    for k, group_lrs in enumerate(steps):
         epoch = (2 * k) // micro_batches + (2 * k) % micro_batches / micro_batches  # set before micro-batch 2k
         expected = lr * epoch if epoch < 1 else MIN_LR + (lr - MIN_LR) * 0.5 * (1 + math.cos(math.pi * (epoch - 1)))
-        for group_lr, scale in groups:
-            assert group_lr == pytest.approx(expected * scale, rel=1e-12), (k, epoch)
-    assert {scale for _, scale in steps[0]} == {1.0, 0.5, 0.25, 0.125}  # tokenizer, local stage, block, head
+        assert group_lrs == [pytest.approx(expected, rel=1e-12)] * len(group_lrs), (k, epoch)
 
 
 def test_half_cosine_formula():
     param = nn.Parameter(torch.zeros(1))
-    opt = torch.optim.AdamW([{'params': [param], 'lr_scale': 0.5}])
+    opt = torch.optim.AdamW([param])
     schedule = optim.HalfCosine(opt, lr=1e-3, min_lr=1e-6, warmup_epochs=5, epochs=200)
     assert schedule(0.0) == 0.0
-    assert schedule(2.5) == pytest.approx(5e-4) and opt.param_groups[0]['lr'] == pytest.approx(2.5e-4)
+    assert schedule(2.5) == pytest.approx(5e-4) and opt.param_groups[0]['lr'] == pytest.approx(5e-4)
     assert schedule(5.0) == pytest.approx(1e-3)
     assert schedule(102.5) == pytest.approx((1e-3 + 1e-6) / 2)
     assert schedule(200.0) == pytest.approx(1e-6)
     assert optim.absolute_lr(6e-4, 32 * 2 * 8) == pytest.approx(1.2e-3)  # the paper's run: 8 processes
 
 
-def test_layer_decay_groups_of_sglformer_ima():
-    model = timm.create_model('sglformer_ima_8_384', embed_dims=48, num_heads=4, T=1)  # 6 global blocks
-    ids, last = optim.layer_ids(model)
-    assert last == 8
-    assert {ids[n] for n in ids if n.startswith('patch_embed.')} == {0}
-    assert {ids[n] for n in ids if n.startswith('localblock.')} == {1}
-    assert all(ids[n] == int(n.split('.')[1]) + 2 for n in ids if n.startswith('blocks.'))
-    assert ids['head.weight'] == ids['head.bias'] == 8
+def authors_layer_decay(model, weight_decay, layer_decay):
+    """The authors' ImageNet parameter groups, restated: a parameter's layer is 0 for names starting with
+    stem or tokenizer (or cls_token, pos_embed), otherwise the last layer, len(blocks) + 1; its rate
+    scale is layer_decay ** (last layer - its layer); 1-D parameters get no weight decay; frozen ones
+    are left out. Returns name -> (lr scale, weight decay)."""
+    last = len(model.blocks) + 1
+    return {name: (layer_decay ** (last - (0 if name.startswith(('stem', 'tokenizer')) else last)),
+                   0.0 if param.ndim == 1 else weight_decay)
+            for name, param in model.named_parameters() if param.requires_grad}
 
-    groups = optim.layer_decay_groups(model, weight_decay=0.05, layer_decay=0.75)
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    grouped = [id(p) for g in groups for p in g['params']]
-    assert sorted(grouped) == sorted(trainable)  # each trainable parameter once; the frozen LayerNorms left out
-    assert not any(id(model.blocks[0].norm1.weight) == i for i in grouped)
+
+@pytest.mark.parametrize('name', ['sglformer_ima_8_384', 'sglformer_ima2_8_384'])
+def test_every_parameter_learns_as_the_authors_layer_decay_groups_have_it(name):
+    model = timm.create_model(name, embed_dims=48, num_heads=4, T=1)
+    cfg = parse_args(['--lr', '1e-3'], REPO_ROOT / 'imagenet' / 'imagenet.yml').replace(blr=None)
+    optimizer = optim.build_optimizer(cfg, model)
     names = {id(p): n for n, p in model.named_parameters()}
-    for group in groups:
-        for p in group['params']:
-            name = names[id(p)]
-            assert group['lr_scale'] == pytest.approx(0.75 ** (8 - ids[name]))
-            assert group['weight_decay'] == (0.05 if p.ndim > 1 else 0.0), name
-    assert all(g['lr_scale'] == 1.0 for g in optim.layer_decay_groups(model, 0.05, 1.0))
+    ours = {names[id(p)]: (group['lr'] / cfg.lr, group['weight_decay'])
+            for group in optimizer.param_groups for p in group['params']}
+    for layer_decay in (1.0, 0.75, 0.5):
+        assert ours == authors_layer_decay(model, cfg.weight_decay, layer_decay)
+    assert 'blocks.0.norm1.weight' not in ours  # the frozen LayerNorms are left out
 
 
 class CountingSync(nn.Module):
@@ -186,7 +170,7 @@ def test_accumulation_syncs_and_steps_only_on_the_last_micro_batch():
     stepped = []
     optimizer.register_step_post_hook(lambda *_: stepped.append(True))
     loader = [(torch.randn(2, 3), torch.tensor([0, 1])) for _ in range(7)]
-    engine.train_one_epoch(model, loader, optimizer, nn.CrossEntropyLoss(), torch.device('cpu'), 0, 1,
+    engine.train_one_epoch(model, loader, len(loader), optimizer, nn.CrossEntropyLoss(), torch.device('cpu'), 0, 1,
                            accum_iter=3, is_main=False)
     assert len(stepped) == 3  # after micro-batches 3, 6 and the last, 7
     assert model.unsynced == 4  # micro-batches 1, 2, 4, 5 skip the gradient all-reduce
@@ -224,7 +208,7 @@ def test_transforms_of_the_recipe():
     erasing = train_steps[-1]
     assert (erasing.probability, erasing.mode) == (0.25, 'pixel')
     # timm's RandAugment asks for posterize with 0 bits at magnitude 10, which current Pillow refuses.
-    recipe.aa = 'rand-m10-mstd0-inc1'
+    recipe = recipe.replace(aa='rand-m10-mstd0-inc1')
     rand_augment = next(step for step in image_transforms(recipe, True).transforms if hasattr(step, 'ops'))
     op = next(op for op in rand_augment.ops if op.name == 'PosterizeIncreasing')
     op.prob = 1.0
@@ -276,10 +260,10 @@ def test_the_authors_flags_and_defaults():
         assert getattr(args, name) == parsed, flag
     assert all(getattr(args, name) is True for name in switches.values())
 
-    recipe = vars(parse_args([], REPO_ROOT / 'imagenet' / 'imagenet.yml'))
+    recipe = parse_args([], REPO_ROOT / 'imagenet' / 'imagenet.yml').to_dict()
     expected = dict(
-        batch_size=32, epochs=200, accum_iter=2, model='sglformer_ima_8_512', img_size=224, drop_path=0.1,
-        clip_grad=None, weight_decay=0.05, lr=None, blr=6e-4, layer_decay=1.0, min_lr=1e-6, warmup_epochs=5,
+        batch_size=32, epochs=200, accum_iter=2, model='sglformer_ima_8_512', img_size=224, eval_amp=True,
+        clip_grad=None, weight_decay=0.05, lr=None, blr=6e-4, min_lr=1e-6, warmup_epochs=5,
         color_jitter=None, aa='rand-m9-mstd0.5-inc1', smoothing=0.1, reprob=0.25, remode='pixel', recount=1,
         mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode='batch', num_classes=1000,
         seed=0, checkpoint_format='mae', sched='halfcos', opt='adamw', amp=True, dataset='imagenet',
@@ -292,7 +276,7 @@ def test_the_authors_flags_and_defaults():
 def test_torchrun_two_processes(tmp_path, data_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     result = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29531',
+        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', free_port(),
          str(REPO_ROOT / 'imagenet' / 'train.py'), '--data_path', str(data_path), *SMALL, '--epochs', '1',
          '--val_batch_size', '8', '--dist_eval', '--output_dir', str(tmp_path / 'ddp')],
         capture_output=True, text=True, env=env, timeout=300)
@@ -304,6 +288,6 @@ def test_torchrun_two_processes(tmp_path, data_path):
     assert last['args'].lr == pytest.approx(BLR * 4 * 2 * 2 / 256)  # two processes
     # What the two processes evaluated (batches of 8 and 4, with rank 0's BatchNorm statistics, summed
     # over both) is the one-process evaluation of the saved model.
-    single = train('--data_path', str(data_path), *SMALL, '--eval', '--val_batch_size', '8', '--resume',
+    single = train('--data_path', str(data_path), *MODEL, '--eval', '--val_batch_size', '8', '--resume',
                    str(tmp_path / 'ddp' / 'checkpoint-last.pth'), '--output_dir', str(tmp_path / 'ev'))
     assert single['top1'] == lines[0]['test_acc1'] and single['loss'] == pytest.approx(lines[0]['test_loss'], rel=1e-9)
