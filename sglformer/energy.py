@@ -1,43 +1,12 @@
 """Firing rates, operation counts and theoretical energy of an SGLFormer: ``python -m sglformer.energy``.
 
-The conventions are those of the spiking-transformer papers (Spikformer, Spikingformer, QKFormer,
-Spike-driven Transformer; see RECIPES.md, "Energy convention"), made precise where they are vague:
-
-* **Firing rate** of a tensor: the share of its elements that are non-zero. Every LIF neuron's output
-  is reported overall and per time step. Outputs are time first, ``[T, B, ...]``; the neurons that run
-  on the flattened ``[T*B, ...]`` tensor (ImageNet ``attn.proj_lif``, ima2 ``patch_embed.proj_lif``)
-  are read back as ``[T, B, ...]``, the t-major order in which the model flattens them.
-* **FLOPs** of a synaptic layer (every ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Linear`` and
-  :class:`~sglformer.layers.SpikeAttention`): its multiply-accumulates per image, **summed over all
-  time steps as the model executes them**; bias additions are not counted. For a layer applied at
-  every step this is T times the FLOPs of one step, the quantity the published tools tabulate, so
-  ``SOPs = rate * FLOPs`` here is their ``SOPs = rate * T * FLOPs(one step)``. The STB head's
-  ``full_size_conv`` (its kernel spans all T steps) and the classifier ``head`` run once per image
-  and are counted once.
-* **Input kinds.** ``spikes`` (only 0 and 1), ``counts`` (non-negative integers other than 0/1: sums
-  of spike tensors on the residual paths, event counts) and ``real`` (anything else: images, BN
-  outputs). ``spikes`` are accumulates (AC, ``SOPs = rate * FLOPs``); ``real`` inputs are MACs
-  (``MACs = FLOPs``): the first convolution on an image (it runs on the image repeated at every
-  step and is counted T times, as the Spikingformer script counts it) and the classifier.
-  ``counts`` follow ``nonbinary_as``: ``'ac'`` (default) counts them as AC at their non-zero rate,
-  as the papers' formulas treat every layer after the encoder; ``'mac'`` counts them as MACs, as
-  the Spikingformer script does by default (only 0/1 inputs are AC there).
-* **Attention products** ``q kᵀ v`` (no softmax) are counted in the association the model executes
-  (:func:`sglformer.layers.spike_attention` takes the cheaper one): with head size d <= tokens N,
-  ``M = kᵀ v`` then ``q M``, 2 N d² MACs per head and step; otherwise ``S = q kᵀ`` then ``S v``,
-  2 N² d. The first product multiplies two spike tensors, so an accumulate happens only where both
-  are non-zero: its SOPs are the number of such pairs, counted exactly (at most
-  ``min(rate_k, rate_v) * FLOPs``, what the Spikingformer script charges). The second multiplies an
-  integer matrix by spikes: one row is added per spike, ``SOPs = rate * FLOPs``.
-* **Not counted** (as in the published energy figures): BatchNorm (folded into the convolution before it at
-  inference), max pooling (comparisons), the neurons' membrane updates, residual additions and the
-  attention scale 0.125 (a power of two: a shift).
-* **Energy** ``E = E_MAC * MACs + E_AC * SOPs`` with E_MAC = 4.6 pJ and E_AC = 0.9 pJ (45 nm) by
-  default, reported in mJ per image.
-
-Use :class:`EnergyMeter` around forward passes of your own, or :func:`measure` and :func:`summarize`;
-the command wraps them with model building, synthetic input, a table, a JSON file and a bar chart.
+docs/energy.md gives the conventions (what counts as a SOP or a MAC, how the attention products and the
+residual sums of spikes are counted, what is left out) and the command's options. Use
+:class:`EnergyMeter` around forward passes of your own, or :func:`measure` and :func:`summarize`; the
+command wraps them with model building, inputs, a table, a JSON file and a bar chart.
 """
+import argparse
+import itertools
 import json
 import logging
 import math
@@ -47,18 +16,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from .checkpoint import load_checkpoint
-from .config import ConfigError
+from .config import COMMAND_LINE, ConfigError, check
 from .config import parse_args as parse_options
-from .distributed import default_device
-from .data import build_datasets
+from .data import build_datasets, build_eval_batches, dataset_family
+from .distributed import DistInfo
 from .layers import SpikeAttention, kv_first
 from .logs import setup_logging
 from .models import SGLFormerImageNet
 from .neuron import is_lif
-from .training import EXPECTED_ERRORS
+from .training import EXPECTED_ERRORS, build_model, load_weights, resolve_device
 from .variants import create_model
 
 _logger = logging.getLogger('sglformer.energy')  # also when run as __main__
@@ -355,7 +322,10 @@ def synthetic_batches(model, batches, batch_size, img_size, seed=0):
 
 def tensor_batches(path, batches, batch_size):
     """Batches of the inputs saved in ``path`` (one tensor, samples along the first dimension)."""
-    inputs = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        inputs = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f'--input {path}: no such file') from None
     if not isinstance(inputs, torch.Tensor):
         raise ConfigError(f'{path} holds a {type(inputs).__name__}; save one tensor of inputs with torch.save')
     chunks = inputs.split(batch_size)[:batches]
@@ -364,23 +334,31 @@ def tensor_batches(path, batches, batch_size):
     return chunks
 
 
-def dataset_batches(args):
-    """The first ``args.batches`` batches of the evaluation split of the run's dataset (labels dropped)."""
-    _, dataset = build_datasets(args, training=False)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
-    for index, (inputs, _) in enumerate(loader):
-        if index == args.batches:
-            break
-        yield inputs
+def dataset_batches(cfg, device):
+    """The images of the first ``cfg.batches`` batches of the evaluation split, on ``device`` and
+    normalised, as the evaluation of a training run reads them."""
+    _, eval_set = build_datasets(cfg, training=False)
+    batches = build_eval_batches(cfg, eval_set, DistInfo(), device, cfg.batch_size)
+    return (images for images, _ in itertools.islice(batches.epoch(), cfg.batches))
+
+
+class _RemovedFlag(argparse.Action):
+    """A flag of earlier versions: one clear error saying what replaced it, not argparse's 'ambiguous option'."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise ConfigError(f'{option_string} is gone: load weights with --resume PATH (or --initial-checkpoint PATH), '
+                          'as the training scripts do')
 
 
 def _add_energy_arguments(parser):
     group = parser.add_argument_group('energy report')
-    group.add_argument('--checkpoint', help='weights to load (any container sglformer.load_checkpoint reads)')
-    group.add_argument('--input', type=Path, help='a torch.save file holding one tensor of inputs [N, ...]')
+    group.add_argument('--checkpoint', action=_RemovedFlag, help=argparse.SUPPRESS)
+    group.add_argument('--input', type=Path, default=None,
+                       help='a torch.save file holding one tensor of inputs [N, ...] (default: the dataset that -c or '
+                            '--data-dir names, else synthetic inputs)')
     group.add_argument('--batches', type=int, default=1, help='number of batches (default 1)')
-    group.add_argument('--json', type=Path, help='write the report here')
-    group.add_argument('--png', type=Path, help='write a bar chart of the firing rates here')
+    group.add_argument('--json', type=Path, default=None, help='write the report here')
+    group.add_argument('--png', type=Path, default=None, help='write a bar chart of the firing rates here')
     group.add_argument('--e-mac', type=float, default=E_MAC_PJ, help='energy of a MAC in pJ (default 4.6)')
     group.add_argument('--e-ac', type=float, default=E_AC_PJ, help='energy of an AC in pJ (default 0.9)')
     group.add_argument('--nonbinary-as', choices=NONBINARY_CONVENTIONS, default='ac',
@@ -389,20 +367,65 @@ def _add_energy_arguments(parser):
                             "energy script does by default")
 
 
+# Options that act on one kind of input only; given on the command line for another, they are refused.
+INPUT_OPTIONS = {
+    'dataset': ('data_dir', 'dataset', 'download', 'mean', 'std', 'crop_pct', 'interpolation', 'workers'),
+    'synthetic': ('seed',),
+}
+INPUT_NAMES = {'file': 'an --input file', 'dataset': "a dataset's evaluation split", 'synthetic': 'synthetic inputs'}
+
+
 def parse_args(argv=None):
-    """The training scripts' options (model size, ``-c`` for a dataset folder's YAML file, data) plus
-    the report's own. Input: ``--input FILE``, else the dataset when ``-c`` or ``--data-dir`` is given,
-    else synthetic."""
-    args = parse_options(argv, None, __doc__, defaults=dict(model=None, data_dir=None, batch_size=8, seed=0,
-                                                            workers=0), add_arguments=_add_energy_arguments)
-    if args.model is None:
+    """The training scripts' options plus the report's own, as a read-only Config; the options shared
+    with training are checked by :func:`report_energy`, once the model and the input are known."""
+    cfg = parse_options(argv, None, __doc__, defaults=dict(model=None, data_dir=None, batch_size=8, seed=0,
+                                                           workers=0), add_arguments=_add_energy_arguments,
+                        commands=('energy',))
+    if cfg.model is None:
         raise ConfigError('name the model: --model sglformer_cifar10 (or a YAML file with -c that names one)')
-    if args.batches < 1 or args.batch_size < 1:
-        raise ConfigError('--batches and --batch-size must be at least 1')
-    if args.data_dir is not None and args.config is None:
+    if cfg.batches < 1:
+        raise ConfigError(f'--batches must be at least 1, got {cfg.batches}')
+    for flag, value in (('--e-mac', cfg.e_mac), ('--e-ac', cfg.e_ac)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f'{flag} is an energy in pJ and must be a finite number >= 0, got {value}')
+    return cfg
+
+
+def input_kind_of(cfg):
+    """``'file'`` (``--input``), ``'dataset'`` (a ``data_dir`` from ``-c``'s YAML file or ``--data-dir``,
+    with a named dataset) or ``'synthetic'``."""
+    if cfg.input is not None:
+        if cfg.source('data_dir') == COMMAND_LINE:
+            raise ConfigError('--input and --data-dir both name the inputs: pass one')
+        return 'file'
+    if cfg.data_dir is None:
+        return 'synthetic'
+    if cfg.source('dataset') is None:
         raise ConfigError("reading a dataset needs its options (dataset, image size, normalisation): add the "
                           "dataset folder's YAML file, e.g. -c cifar10/cifar10.yml")
-    return args
+    return 'dataset'
+
+
+def refuse_unused_input_options(cfg, kind):
+    """Options of the other kinds of input (:data:`INPUT_OPTIONS`) are errors on the command line; a
+    YAML file, written for training too, may hold them."""
+    for other, names in INPUT_OPTIONS.items():
+        given = [name for name in names if cfg.source(name) == COMMAND_LINE]
+        if other != kind and given:
+            listed = ', '.join(f"'{name}'" for name in given)
+            acts, them = ('acts', 'it') if len(given) == 1 else ('act', 'them')
+            raise ConfigError(f'{listed} (on the command line) only {acts} when the report reads {INPUT_NAMES[other]}, '
+                              f'and it reads {INPUT_NAMES[kind]}: remove {them}')
+
+
+def model_family(name):
+    """``'imagenet'``, ``'events'`` or ``'cifar'``: the data the registered model ``name`` takes, read off
+    the variant as registered (its sizes do not change it), built on the 'meta' device."""
+    with torch.device('meta'):
+        model = create_model(argparse.Namespace(model=name))
+    if isinstance(model, SGLFormerImageNet):
+        return 'imagenet'
+    return 'events' if model.frame_input else 'cifar'
 
 
 def main(argv=None):
@@ -415,29 +438,40 @@ def main(argv=None):
         sys.exit(2)
 
 
-def report_energy(args):
-    model = create_model(args).to(args.device or default_device())
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
-        _logger.info('loaded %s', args.checkpoint)
-    if args.input is not None:
-        batches, source = tensor_batches(args.input, args.batches, args.batch_size), str(args.input)
-    elif args.data_dir is not None:
-        batches, source = dataset_batches(args), f'{args.dataset} evaluation split in {args.data_dir}'
+def report_energy(cfg):
+    """Check ``cfg`` for the command 'energy', build the model, load its weights, measure it on the
+    chosen input, print the report and write the files asked for; returns the report."""
+    kind = input_kind_of(cfg)
+    refuse_unused_input_options(cfg, kind)
+    family = dataset_family(cfg.dataset) if kind == 'dataset' else model_family(cfg.model)
+    check(cfg, 'energy', family)
+    device = resolve_device(cfg.device, DistInfo())
+    cfg = cfg.replace(device=str(device))
+    model = build_model(cfg, family)
+    weights = cfg.resume or cfg.initial_checkpoint
+    if weights:
+        load_weights(model, weights)
+        _logger.info('loaded the weights of %s', weights)
     else:
-        img_size = args.img_size or default_img_size(model)
-        batches = synthetic_batches(model, args.batches, args.batch_size, img_size, args.seed)
-        source = f'synthetic, seed {args.seed}'
-    meter = measure(model, batches)
-    report = summarize(meter, args.e_mac, args.e_ac, args.nonbinary_as)
-    report = dict(model=args.model, checkpoint=args.checkpoint, input=source, **report)
+        _logger.warning('no weights given (--resume PATH): measuring the randomly initialised model, whose firing '
+                        'rates say little about a trained one')
+    if kind == 'file':
+        batches, source = tensor_batches(cfg.input, cfg.batches, cfg.batch_size), str(cfg.input)
+    elif kind == 'dataset':
+        batches, source = dataset_batches(cfg, device), f'{cfg.dataset} evaluation split in {cfg.data_dir}'
+    else:
+        img_size = cfg.img_size or default_img_size(model)
+        batches = synthetic_batches(model, cfg.batches, cfg.batch_size, img_size, cfg.seed)
+        source = f'synthetic, seed {cfg.seed}'
+    report = summarize(measure(model, batches), cfg.e_mac, cfg.e_ac, cfg.nonbinary_as)
+    report = dict(model=cfg.model, checkpoint=weights, input=source, **report)
     print(format_report(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
-        _logger.info('wrote %s', args.json)
-    if args.png:
-        plot_firing_rates(report, args.png)
-        _logger.info('wrote %s', args.png)
+    if cfg.json:
+        cfg.json.write_text(json.dumps(report, indent=1))
+        _logger.info('wrote %s', cfg.json)
+    if cfg.png:
+        plot_firing_rates(report, cfg.png)
+        _logger.info('wrote %s', cfg.png)
     return report
 
 
