@@ -17,12 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import ConfigError
-from .energy import default_img_size, synthetic_batches
+from .build import EXPECTED_ERRORS, create_model, synthetic_batches
 from .layers import ConvBNLIF, PatchEmbed, TokenMLP, TokenSelfAttention
 from .logs import setup_logging
-from .neuron import NEURON_BACKENDS, STACK, NeuronBackendError, choose_neuron, spikingjelly_memopt
-from .variants import create_model
+from .neuron import NEURON_BACKENDS, STACK, choose_neuron, spikingjelly_memopt
 
 _logger = logging.getLogger('sglformer.bench')  # not __name__, which is __main__ under -m
 
@@ -58,19 +56,19 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, help='CPU threads for torch (default: torch\'s choice)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--json', help='also write the results to this file')
-    args = parser.parse_args(argv)
-    args.neurons = [name.strip() for name in args.neuron_list.split(',') if name.strip()]
-    unknown = [name for name in args.neurons if name not in variant_names()]
-    if not args.neurons or unknown:
+    cfg = parser.parse_args(argv)
+    cfg.neurons = [name.strip() for name in cfg.neuron_list.split(',') if name.strip()]
+    unknown = [name for name in cfg.neurons if name not in variant_names()]
+    if not cfg.neurons or unknown:
         memopt_note = ('; the memopt-* variants need spikingjelly 2 (pip install -r requirements-sj2.txt)'
                        if any(name in MEMOPT_VARIANTS for name in unknown) else '')
         parser.error(f"--neuron takes names from {', '.join(variant_names())} with {STACK}, got "
-                     f'{args.neuron_list!r}{memopt_note}')
-    if args.amp and torch.device(args.device).type != 'cuda':
+                     f'{cfg.neuron_list!r}{memopt_note}')
+    if cfg.amp and torch.device(cfg.device).type != 'cuda':
         parser.error('--amp is float16 autocast on CUDA; run on the CPU without it')
-    if args.batch < 1 or args.repeat < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+    if cfg.batch < 1 or cfg.repeat < 1 or cfg.warmup < 0 or (cfg.threads is not None and cfg.threads < 1):
         parser.error('--batch, --repeat and --threads must be at least 1, --warmup at least 0')
-    return args
+    return cfg
 
 
 def _neuron_request(name):
@@ -153,8 +151,8 @@ def unit_inputs(model, images):
     kinds = {}
 
     def record(path):
-        def hook(module, args):
-            kinds.setdefault(path, _kind(args[0]))
+        def hook(module, cfg):
+            kinds.setdefault(path, _kind(cfg[0]))
         return hook
     handles = [module.register_forward_pre_hook(record(path))
                for path, module in probe.named_modules() if isinstance(module, SPIKING_UNITS)]
@@ -266,58 +264,58 @@ def conditions(device):
     return info
 
 
-def _inputs(args, base, device):
-    images = next(synthetic_batches(base, 1, args.batch, args.img_size or default_img_size(base), args.seed))
-    labels = torch.randint(base.num_classes, (args.batch,), generator=torch.Generator().manual_seed(args.seed))
+def _inputs(cfg, base, device):
+    images = next(synthetic_batches(base, 1, cfg.batch, cfg.seed))
+    labels = torch.randint(base.num_classes, (cfg.batch,), generator=torch.Generator().manual_seed(cfg.seed))
     return images.to(device), labels.to(device)
 
 
-def _timings(runners, images, labels, args, device):
+def _timings(runners, images, labels, cfg, device):
     """``{name: (train wall times, train CPU times, eval times)}``, the variants' runs interleaved."""
     times = {runner.name: ([], [], []) for runner in runners}
-    for repeat in range(args.repeat):
+    for repeat in range(cfg.repeat):
         for runner in runners:
             wall, cpu = timed(lambda: runner.train_step(images, labels), device)
             times[runner.name][0].append(wall)
             times[runner.name][1].append(cpu)
         for runner in runners:
             times[runner.name][2].append(timed(lambda: runner.eval_forward(images), device)[0])
-        _logger.info('run %d/%d: train step %s', repeat + 1, args.repeat,
+        _logger.info('run %d/%d: train step %s', repeat + 1, cfg.repeat,
                      ', '.join(f'{name} {runs[0][-1]:.3f} s' for name, runs in times.items()))
     return times
 
 
-def run(args):
-    """Benchmark ``args.neurons`` on ``args.model``; returns the report (see :func:`format_report`)."""
-    device = torch.device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    base = create_model(args).to(device)
-    images, labels = _inputs(args, base, device)
-    runners = [Runner(name, copy.deepcopy(base), args.amp, images) for name in args.neurons]
+def run(cfg):
+    """Benchmark ``cfg.neurons`` on ``cfg.model``; returns the report (see :func:`format_report`)."""
+    device = torch.device(cfg.device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    base = create_model(cfg).to(device)
+    images, labels = _inputs(cfg, base, device)
+    runners = [Runner(name, copy.deepcopy(base), cfg.amp, images) for name in cfg.neurons]
     started = conditions(device)
     first_steps = [runner.first_step(images, labels) for runner in runners]
     for runner in runners:
-        for _ in range(args.warmup):
+        for _ in range(cfg.warmup):
             runner.train_step(images, labels)
             runner.eval_forward(images)
     flops = train_step_flops(runners[0], images, labels)
-    times = _timings(runners, images, labels, args, device)
+    times = _timings(runners, images, labels, cfg, device)
     memory = {}
     for runner in runners:
         loss, memory[runner.name] = peak_memory_growth(lambda: runner.forward_loss(images, labels), device)
         runner.backward_step(loss)
         del loss
-    results = [_result(runner, times[runner.name], memory[runner.name], flops, args.batch,
+    results = [_result(runner, times[runner.name], memory[runner.name], flops, cfg.batch,
                        compare(first_step, first_steps[0]))
                for runner, first_step in zip(runners, first_steps)]
     _relate_to_baseline(results)
     model = runners[0].model
     return dict(
-        model=args.model, embed_dims=model.num_features, T=model.T, input_shape=list(images.shape),
-        batch=args.batch, dtype='float16 autocast' if args.amp else 'float32', repeat=args.repeat,
-        warmup=args.warmup, conditions_start=started, conditions_end=conditions(device),
+        model=cfg.model, embed_dims=model.num_features, T=model.T, input_shape=list(images.shape),
+        batch=cfg.batch, dtype='float16 autocast' if cfg.amp else 'float32', repeat=cfg.repeat,
+        warmup=cfg.warmup, conditions_start=started, conditions_end=conditions(device),
         train_step_flops=flops, results=results)
 
 
@@ -405,17 +403,17 @@ def format_report(reports):
 
 def main(argv=None):
     setup_logging()
-    args = parse_args(argv)
+    cfg = parse_args(argv)
     try:
-        report = run(args)
-    except (ConfigError, NeuronBackendError) as exc:
+        report = run(cfg)
+    except EXPECTED_ERRORS as exc:
         _logger.error('error: %s', exc)
         sys.exit(2)
     print(format_report([report]))
-    if args.json:
-        with open(args.json, 'w') as out:
+    if cfg.json:
+        with open(cfg.json, 'w') as out:
             json.dump(report, out, indent=2)
-        _logger.info('wrote %s', args.json)
+        _logger.info('wrote %s', cfg.json)
     return report
 
 

@@ -1,17 +1,21 @@
-"""Reading checkpoints safely and writing them atomically.
+"""Every checkpoint format this project reads or writes, in one place: reading safely, loading weights
+into a model, writing atomically, and the training containers of the authors' three scripts (``timm``,
+``dvs``, ``mae``) with their file names, retention rules and what a resumed run continues from.
 
 Files are read with ``torch.load(weights_only=True)``: tensors, plain containers and
 ``argparse.Namespace`` (the ``args`` of timm's CheckpointSaver and of the authors' scripts) are
 accepted; any other Python object is refused before it is built, so a file cannot run code.
 """
 import argparse
-import os
 import pickle
 import re
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from timm.utils import unwrap_model
+
+from .files import write_atomically
 
 # Containers the authors' scripts and timm write, in the order they are looked for.
 STATE_DICT_KEYS = ('state_dict', 'model', 'module')
@@ -23,15 +27,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, unsafe, or does not fit the model."""
 
 
-def read_checkpoint(path, map_location='cpu'):
-    """Load a checkpoint file without unpickling arbitrary objects."""
+def read_checkpoint(path, map_location='cpu', mmap=False):
+    """Load a checkpoint file without unpickling arbitrary objects; with ``mmap`` its tensors are mapped from
+    the file, not read (cheap where only the plain values are wanted)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'checkpoint {path} does not exist' if not path.exists()
                               else f'checkpoint {path} is not a file')
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if 'Weights only load failed' in str(exc):
             found = re.search(r'GLOBAL ([\w.]+)', str(exc))
@@ -128,37 +133,108 @@ def load_checkpoint(model, path, strict=True, use_ema=False, drop_mismatched_hea
     return checkpoint
 
 
-def write_atomically(path, write):
-    """Call ``write(binary_file)`` on a temporary file beside ``path``, flush it to the disk, then rename it
-    over ``path``: a crash or a failed write at any moment leaves the old file or the new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-    try:
-        with os.fdopen(handle, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    sync_folder(path.parent)
-
-
-def sync_folder(folder):
-    """Flush a folder's entries (renames, new links) to the disk, so that they survive a power cut."""
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
 def save_checkpoint(obj, path):
     """``torch.save`` through :func:`write_atomically`: any previous file at ``path`` stays intact until the
     new one is complete."""
     write_atomically(path, lambda f: torch.save(obj, f))
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """The container and file names of one of the authors' training scripts, and which files it keeps."""
+    name: str
+    last: str  # written after every epoch; what resuming reads
+    best: str  # may contain {epoch}
+    numbered: str = None  # the `checkpoint_hist` best epochs by top-1
+    final: str = None  # written after the last epoch
+    best_window: int = None  # only epochs this close to the end write `best`
+    checkpoint_hist: int = None  # default number of `numbered` files kept
+    weights_key: str = 'model'
+    scaler_key: str = 'scaler'
+    log_names: tuple = ()  # (ours, the authors') key pairs renamed in log.txt
+
+    @property
+    def initial_best(self):
+        """The best before the first epoch: the authors' DVS and ImageNet scripts start from 0."""
+        return None if self.name == 'timm' else {'top1': 0.0, 'top5': 0.0, 'epoch': None}
+
+    def container(self, epoch, top1, best, model, optimizer, scheduler, scaler, args, saver=None):
+        weights = unwrap_model(model).state_dict()
+        if self.name == 'timm':
+            state = {'epoch': epoch, 'arch': getattr(args, 'model', type(model).__name__.lower()),
+                     'state_dict': weights, 'optimizer': optimizer.state_dict(), 'version': 2, 'args': args,
+                     'metric': top1, 'saver': saver}
+        elif self.name == 'dvs':
+            state = {'model': weights, 'optimizer': optimizer.state_dict(),
+                     'lr_scheduler': scheduler.state_dict() if scheduler is not None else {}, 'epoch': epoch,
+                     'args': args, 'max_test_acc1': best['top1'], 'test_acc5_at_max_test_acc1': best['top5']}
+        else:
+            state = {'model': weights, 'optimizer': optimizer.state_dict(), 'epoch': epoch, 'args': args,
+                     'max_accuracy': best['top1'], 'max_accuracy_epoch': best['epoch']}
+        if scaler is not None:
+            state[self.scaler_key] = scaler.state_dict()
+        return state
+
+    def recorded_best(self, checkpoint):
+        """``{'top1', 'top5', 'epoch'}`` of the best epoch up to a checkpoint of this layout, as far as it
+        records them (None where it records none)."""
+        if self.name == 'dvs':
+            return {'top1': checkpoint.get('max_test_acc1', 0.0),
+                    'top5': checkpoint.get('test_acc5_at_max_test_acc1', 0.0), 'epoch': None}
+        if self.name == 'mae':
+            return {'top1': checkpoint.get('max_accuracy', 0.0), 'top5': None,
+                    'epoch': checkpoint.get('max_accuracy_epoch')}
+        saver = checkpoint.get('saver')
+        if saver is None:  # files of timm before 1.x, as the authors': only that epoch's metric
+            metric = checkpoint.get('metric')
+            return None if metric is None else {'top1': metric, 'top5': None, 'epoch': None}
+        epoch, metric = saver['pending']
+        if metric is not None and (saver['best_metric'] is None or metric > saver['best_metric']):
+            return {'top1': metric, 'top5': None, 'epoch': epoch}
+        best = saver['best_metric']
+        return None if best is None else {'top1': best, 'top5': None, 'epoch': saver['best_epoch']}
+
+
+LAYOUTS = {
+    'timm': CheckpointLayout('timm', 'last.pth.tar', 'model_best.pth.tar', numbered='checkpoint-{epoch}.pth.tar',
+                             checkpoint_hist=10, weights_key='state_dict', scaler_key='amp_scaler'),
+    'dvs': CheckpointLayout('dvs', 'checkpoint_latest.pth', 'checkpoint_max_test_acc1.pth',
+                            final='checkpoint_{epoch}.pth'),
+    'mae': CheckpointLayout('mae', 'checkpoint-last.pth', 'checkpoint-{epoch}.pth', best_window=20, log_names=(
+        ('lr', 'train_lr'), ('img_per_s', 'train_img_per_s'), ('grad_norm', 'train_grad_norm'),
+        ('eval_loss', 'test_loss'), ('eval_top1', 'test_acc1'), ('eval_top5', 'test_acc5'))),
+}
+
+
+def checkpoint_layout(layout):
+    """A :class:`CheckpointLayout`, given as itself or by its name in ``LAYOUTS``."""
+    if isinstance(layout, CheckpointLayout):
+        return layout
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"unknown checkpoint format {layout!r}; one of {', '.join(LAYOUTS)}")
+    return LAYOUTS[layout]
+
+
+def resume_state(checkpoint, layout, source='the checkpoint'):
+    """What a run continues from: ``epoch`` (the checkpoint's), ``start_epoch``, ``best``
+    (``{'top1', 'top5', 'epoch'}`` or None) and the ``optimizer``, ``scheduler`` and ``scaler`` states
+    (None where the checkpoint has none)."""
+    layout = checkpoint_layout(layout)
+    missing = [key for key in ('epoch', 'optimizer', layout.weights_key) if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{source} has no {', '.join(map(repr, missing))}, so it is not a training checkpoint "
+                              f"of the {layout.name} format; to start from its weights, pass it as "
+                              '--initial-checkpoint instead of --resume')
+    best = layout.recorded_best(checkpoint) or layout.initial_best
+    return {'epoch': checkpoint['epoch'], 'start_epoch': checkpoint['epoch'] + 1, 'best': best,
+            'optimizer': checkpoint['optimizer'], 'scheduler': checkpoint.get('lr_scheduler') or None,
+            'scaler': checkpoint.get(layout.scaler_key)}
+
+
+def ranked(history, entry, keep):
+    """timm's CheckpointSaver rule: the kept ``(name, top-1)`` files best first and those displaced.
+    A full history takes ``entry`` only when it beats the worst; ties keep the earlier (stable sort)."""
+    if len(history) >= keep and not entry[1] > history[-1][1]:
+        return history, []
+    kept, evicted = (history, []) if len(history) < keep else (history[:keep - 1], history[keep - 1:])
+    return sorted([*kept, entry], key=lambda item: item[1], reverse=True), evicted

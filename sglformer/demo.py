@@ -7,6 +7,7 @@ part took. The model's size was chosen with ``python -m sglformer.bench`` (docs/
 """
 import argparse
 import contextlib
+import importlib.resources
 import shutil
 import time
 from pathlib import Path
@@ -15,7 +16,6 @@ from .logs import setup_logging
 from .params import markdown_table, parameter_rows
 from .testing import write_synthetic_cifar
 from .training import main as train_main
-from .variants import REPO_ROOT
 
 # One time step and D=64: about 110 images/s on two cores, so five epochs take about 20 s.
 SMALL_MODEL = ['--dim', '64', '--num-heads', '4', '-T', '1']
@@ -43,7 +43,8 @@ def main(argv=None):
     data = folder / 'data'
     with timed('synthetic CIFAR-10 (400 training, 100 test images)', timings):
         write_synthetic_cifar(data, 'cifar10', train_per_class=40, test_per_class=10)
-    common = ['-c', str(REPO_ROOT / 'cifar10' / 'cifar10.yml'), '--data-dir', str(data), *SMALL_MODEL,
+    recipe = importlib.resources.files('sglformer.variants.cifar10') / 'cifar10.yml'
+    common = ['-c', str(recipe), '--data-dir', str(data), *SMALL_MODEL,
               '--workers', '0', '--no-download', '--output', str(folder / 'runs')]
     # The paper's recipe, shortened: no warm-up or cool-down, no mixup or heavy augmentation, a higher lr.
     with timed(f'training, {args.epochs} epochs', timings):

@@ -17,16 +17,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .build import EXPECTED_ERRORS, build_model, load_weights, model_family, resolve_device, synthetic_batches
 from .config import COMMAND_LINE, ConfigError, check
 from .config import parse_args as parse_options
 from .data import build_datasets, build_eval_batches, dataset_family
 from .distributed import DistInfo
 from .layers import SpikeAttention, kv_first
 from .logs import setup_logging
-from .models import SGLFormerImageNet
 from .neuron import is_lif
-from .training import EXPECTED_ERRORS, build_model, load_weights, resolve_device
-from .variants import create_model
 
 _logger = logging.getLogger('sglformer.energy')  # also when run as __main__
 
@@ -34,7 +32,6 @@ E_MAC_PJ = 4.6
 E_AC_PJ = 0.9
 NONBINARY_CONVENTIONS = ('ac', 'mac')
 SYNAPTIC_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
-SYNTHETIC_EVENT_DENSITY = 0.1  # share of ones in the synthetic DVS frames
 PJ_TO_MJ = 1e-9
 
 
@@ -300,26 +297,6 @@ def plot_firing_rates(report, path):
     plt.close(fig)
 
 
-def default_img_size(model):
-    """The side of the registered variants' inputs: 224 (ImageNet), 128 (DVS frames), 32 (CIFAR)."""
-    if isinstance(model, SGLFormerImageNet):
-        return 224
-    return 128 if model.frame_input else 32
-
-
-def synthetic_batches(model, batches, batch_size, img_size, seed=0):
-    """Random inputs: normal images ``[B, C, H, W]``, or binary event frames ``[B, T, C, H, W]`` with
-    :data:`SYNTHETIC_EVENT_DENSITY` ones for the DVS variants."""
-    generator = torch.Generator().manual_seed(seed)
-    channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
-    for _ in range(batches):
-        if getattr(model, 'frame_input', False):
-            shape = (batch_size, model.T, channels, img_size, img_size)
-            yield (torch.rand(shape, generator=generator) < SYNTHETIC_EVENT_DENSITY).float()
-        else:
-            yield torch.randn(batch_size, channels, img_size, img_size, generator=generator)
-
-
 def tensor_batches(path, batches, batch_size):
     """Batches of the inputs saved in ``path`` (one tensor, samples along the first dimension)."""
     try:
@@ -418,16 +395,6 @@ def refuse_unused_input_options(cfg, kind):
                               f'and it reads {INPUT_NAMES[kind]}: remove {them}')
 
 
-def model_family(name):
-    """``'imagenet'``, ``'events'`` or ``'cifar'``: the data the registered model ``name`` takes, read off
-    the variant as registered (its sizes do not change it), built on the 'meta' device."""
-    with torch.device('meta'):
-        model = create_model(argparse.Namespace(model=name))
-    if isinstance(model, SGLFormerImageNet):
-        return 'imagenet'
-    return 'events' if model.frame_input else 'cifar'
-
-
 def main(argv=None):
     """Run the command; returns the report. Expected problems end in one clear message (exit 2)."""
     setup_logging()
@@ -447,7 +414,7 @@ def report_energy(cfg):
     check(cfg, 'energy', family)
     device = resolve_device(cfg.device, DistInfo())
     cfg = cfg.replace(device=str(device))
-    model = build_model(cfg, family)
+    model = build_model(cfg)
     weights = cfg.resume or cfg.initial_checkpoint
     if weights:
         load_weights(model, weights)
@@ -460,8 +427,7 @@ def report_energy(cfg):
     elif kind == 'dataset':
         batches, source = dataset_batches(cfg, device), f'{cfg.dataset} evaluation split in {cfg.data_dir}'
     else:
-        img_size = cfg.img_size or default_img_size(model)
-        batches = synthetic_batches(model, cfg.batches, cfg.batch_size, img_size, cfg.seed)
+        batches = synthetic_batches(model, cfg.batches, cfg.batch_size, cfg.seed)
         source = f'synthetic, seed {cfg.seed}'
     report = summarize(measure(model, batches), cfg.e_mac, cfg.e_ac, cfg.nonbinary_as)
     report = dict(model=cfg.model, checkpoint=weights, input=source, **report)

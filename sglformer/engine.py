@@ -1,21 +1,25 @@
 """The training and evaluation loops shared by every dataset folder.
 
-``train_one_epoch`` handles AMP with a gradient scaler, gradient accumulation (with DDP's ``no_sync``
-on the micro-batches that do not step), clipping, per-iteration learning-rate updates and a progress
-display; ``evaluate`` returns loss, top-1 and top-5 summed exactly over all processes. Both take
-batches already on the device and augmented (:class:`sglformer.data.Batches`).
+:func:`train_one_epoch` handles float16 autocast with a gradient scaler (on CUDA, and on the CPU where asked
+for: the same code with the device type as a parameter), gradient accumulation (with DDP's ``no_sync`` on
+the micro-batches that do not step), clipping, per-iteration learning rates and a progress display;
+:func:`evaluate` returns loss, top-1 and top-5 summed exactly over all processes. Both take
+:class:`sglformer.data.Batches`: batches already on the device and augmented.
 """
 import contextlib
 import logging
 import math
+import random
 import sys
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .distributed import all_reduce_sum
+from .distributed import DistInfo, all_reduce_sum
 
 _logger = logging.getLogger(__name__)
 
@@ -24,11 +28,34 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+@dataclass
+class Trainer:
+    """What training updates (the model and its DDP wrapper, optimiser, schedule, gradient scaler), the
+    loss it minimises, and the processes it runs on."""
+    model: nn.Module
+    ddp_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: object  # sglformer.optim.Schedule
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    dist: DistInfo = DistInfo()
+
+
 def autocast(device, enabled):
-    """fp16 autocast on CUDA (spikingjelly's CuPy kernels have no bfloat16); a no-op elsewhere."""
-    if enabled and device.type == 'cuda':
-        return torch.autocast(device_type='cuda', dtype=torch.float16)
-    return contextlib.nullcontext()
+    """float16 autocast on ``device`` (spikingjelly's CuPy kernels have no bfloat16), or nothing."""
+    return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=enabled)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed, epoch, rank):
+    """Every random draw of an epoch follows from (seed, epoch, rank), so a resumed run repeats the
+    augmentation, mixup and shuffling of an uninterrupted one without saving RNG states."""
+    return seed * 1_000_003 + epoch * 1009 + rank
 
 
 def _progress(batches, description, enabled, total):
@@ -42,73 +69,71 @@ def _format_seconds(seconds):
     return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-def train_one_epoch(model, batches, steps, optimizer, loss_fn, device, epoch, num_epochs, *, scaler=None, amp=False,
-                    accum_iter=1, clip_grad=None, lr_at=None, log_interval=50, is_main=True, world_size=1):
-    """Train for one epoch over ``steps`` batches; returns ``{'loss', 'lr', 'img_per_s', 'grad_norm'}``
-    of this process.
-
-    ``lr_at(epoch_float)``, when given, sets the learning rate before every optimiser step
-    (per-iteration schedules); otherwise the caller's epoch scheduler owns it.
-    """
+def train_one_epoch(trainer, batches, epoch, cfg):
+    """Train for one epoch of ``batches`` with the options of ``cfg`` (``amp``, ``accum_iter``, ``clip_grad``,
+    ``log_interval``, ``device``, ``seed``); returns ``{'loss', 'lr', 'img_per_s', 'grad_norm'}`` of this
+    process, the gradient norm (after unscaling, before clipping) of the epoch's last optimiser step."""
+    model, optimizer, dist = trainer.ddp_model, trainer.optimizer, trainer.dist
+    seed = epoch_seed(cfg.seed, epoch, dist.rank)
+    seed_everything(seed)
     model.train()
     optimizer.zero_grad(set_to_none=True)
+    steps, num_epochs = len(batches), trainer.schedule.num_epochs
     loss_sum, seen, grad_norm = 0.0, 0, float('nan')
     start = time.perf_counter()
-    bar = _progress(batches, f'epoch {epoch}', is_main, steps)
+    bar = _progress(batches.epoch(epoch, seed), f'epoch {epoch}', dist.is_main, steps)
     for step, (images, targets) in enumerate(bar):
-        if lr_at is not None and step % accum_iter == 0:
-            lr_at(epoch + step / steps)
-        updates = (step + 1) % accum_iter == 0 or step + 1 == steps
+        if trainer.schedule.lr_at is not None and step % cfg.accum_iter == 0:
+            trainer.schedule.lr_at(epoch + step / steps)
+        updates = (step + 1) % cfg.accum_iter == 0 or step + 1 == steps
         sync = contextlib.nullcontext() if updates or not hasattr(model, 'no_sync') else model.no_sync()
         with sync:
-            with autocast(device, amp):
-                loss = loss_fn(model(images), targets)
+            with autocast(images.device, cfg.amp):
+                loss = trainer.loss_fn(model(images), targets)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(f'the training loss is {loss_value} at epoch {epoch}, step {step}')
-            scaled = loss / accum_iter
-            if scaler is not None:
-                scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
+            trainer.scaler.scale(loss / cfg.accum_iter).backward()
         if updates:
-            grad_norm = _optimizer_step(model, optimizer, scaler, clip_grad)
+            norm = _optimizer_step(trainer, cfg.clip_grad, measure=step + 1 == steps)
+            grad_norm = grad_norm if norm is None else norm
         loss_sum += loss_value * images.shape[0]
         seen += images.shape[0]
         lr = optimizer.param_groups[0]['lr']
         elapsed = time.perf_counter() - start
-        rate = seen * world_size / elapsed
+        rate = seen * dist.world_size / elapsed
         bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', img_s=f'{rate:.1f}', refresh=False)
-        if is_main and ((step + 1) % log_interval == 0 or step + 1 == steps):
+        if dist.is_main and ((step + 1) % cfg.log_interval == 0 or step + 1 == steps):
             left = elapsed / (step + 1) * (steps - step - 1)
             _logger.info('epoch %d/%d [%d/%d] loss %.4f lr %.3e %.1f img/s, epoch ends in %s', epoch, num_epochs - 1,
                          step + 1, steps, loss_sum / seen, lr, rate, _format_seconds(left))
     return {'loss': loss_sum / max(seen, 1), 'lr': optimizer.param_groups[0]['lr'],
-            'img_per_s': seen * world_size / (time.perf_counter() - start), 'grad_norm': grad_norm}
+            'img_per_s': seen * dist.world_size / (time.perf_counter() - start), 'grad_norm': grad_norm}
 
 
-def _optimizer_step(model, optimizer, scaler, clip_grad):
-    parameters = [p for p in model.parameters() if p.grad is not None]
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    norm = nn.utils.clip_grad_norm_(parameters, clip_grad if clip_grad else float('inf'))
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+def _optimizer_step(trainer, clip_grad, measure):
+    """Unscale, clip, step and clear; returns the gradient norm where clipping or ``measure`` needs it (a
+    device synchronisation on CUDA), else None."""
+    optimizer, scaler = trainer.optimizer, trainer.scaler
+    scaler.unscale_(optimizer)
+    norm = None
+    if clip_grad or measure:
+        parameters = [p for p in trainer.model.parameters() if p.grad is not None]
+        norm = nn.utils.clip_grad_norm_(parameters, clip_grad or float('inf')).item()
+    scaler.step(optimizer)
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return norm.item()
+    return norm
 
 
 @torch.no_grad()
-def evaluate(model, batches, steps, device, amp=False, is_main=True):
+def evaluate(model, batches, device, amp=False, is_main=True):
     """Cross-entropy loss, top-1 and top-5 accuracy (percent) over the batches, summed over processes.
-    ``amp``: under fp16 autocast (the CIFAR and ImageNet scripts evaluate so, the DVS ones in float32)."""
+    ``amp``: under float16 autocast (the CIFAR and ImageNet scripts evaluate so, the DVS ones in float32)."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction='sum')
     totals = [0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, images
-    for images, targets in _progress(batches, 'eval', is_main, steps):
+    for images, targets in _progress(batches.epoch(), 'eval', is_main, len(batches)):
         with autocast(device, amp):
             logits = model(images)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices

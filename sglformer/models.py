@@ -34,10 +34,14 @@ class SpikingModel(nn.Module):
     With fused neurons the forward runs inside :func:`sglformer.fused.compact_spike_saving`.
     """
 
-    def __init__(self, num_classes, num_features, neuron_backend='auto'):
+    family = None  # the kind of data it takes: 'cifar' (images), 'events' (frames) or 'imagenet' (images)
+
+    def __init__(self, num_classes, num_features, in_channels, img_size, neuron_backend='auto'):
         super().__init__()
         self.num_classes = num_classes
         self.num_features = num_features
+        self.in_channels = in_channels
+        self.img_size = img_size
         self.neuron_backend = 'auto' if neuron_backend is None else neuron_backend
         check_neuron_request('auto', self.neuron_backend)
         self._neuron_request = 'spikingjelly'
@@ -79,6 +83,11 @@ class SpikingModel(nn.Module):
 
     def reset_neurons(self):
         reset_neurons(self)
+
+    def input_shape(self, batch_size: int) -> tuple:
+        """The shape of a batch of inputs: images ``[B, C, H, W]``, or event frames ``[B, T, C, H, W]``."""
+        steps = (self.T,) if self.family == 'events' else ()
+        return (batch_size, *steps, self.in_channels, *self.img_size)
 
     def get_classifier(self):
         return self.head
@@ -125,10 +134,11 @@ class SGLFormer(SpikingModel):
     def __init__(self, img_size_h=32, img_size_w=32, in_channels=3, num_classes=10, embed_dims=384,
                  num_heads=16, mlp_ratios=4, depths=1, T=4, tokenizer_stride=1, frame_input=False,
                  neuron_backend='auto', neuron='spikingjelly'):
-        super().__init__(num_classes, embed_dims, neuron_backend)
+        super().__init__(num_classes, embed_dims, in_channels, (img_size_h, img_size_w), neuron_backend)
         dim = embed_dims
         self.T = T
         self.frame_input = frame_input
+        self.family = 'events' if frame_input else 'cifar'
         self.stem = nn.Module()
         self.stem.conv = conv3x3(in_channels, dim // 6)
         self.tokenizer = nn.Module()
@@ -163,11 +173,12 @@ class SGLFormerImageNet(SpikingModel):
     """The ImageNet networks ``sglformer_ima`` and ``sglformer_ima2`` (they differ in the tokenizer)."""
 
     POOLED_STAGES = {'ima': (0, 1, 2, 3), 'ima2': (1, 2, 3, 4)}
+    family = 'imagenet'
 
     def __init__(self, arch='ima', img_size_h=224, img_size_w=224, in_channels=3, num_classes=1000,
                  embed_dims=512, num_heads=8, mlp_ratios=4, depths=8, T=4, neuron_backend='auto',
                  neuron='spikingjelly'):
-        super().__init__(num_classes, embed_dims, neuron_backend)
+        super().__init__(num_classes, embed_dims, in_channels, (img_size_h, img_size_w), neuron_backend)
         if arch not in self.POOLED_STAGES:
             raise ValueError(f"arch must be one of {', '.join(self.POOLED_STAGES)}, got {arch!r}")
         if depths < 2:

@@ -1,38 +1,31 @@
 """The command-line training and evaluation run behind every dataset folder's ``train.py``.
 
-Read top to bottom: :func:`run` checks the options and resolves them once into a read-only
-configuration, :func:`build_model` builds (and shape-checks) the model, then :func:`train` builds the
-data and the optimiser, restores a checkpoint, opens the run folder and hands over to :func:`fit`;
-:func:`evaluate_checkpoint` is ``--eval``. docs/training.md describes the run folder and its guarantees.
+Read top to bottom: :func:`run` checks the options and resolves them once into a read-only configuration
+and builds (and shape-checks) the model; :func:`train` builds the data and the optimiser, restores a
+checkpoint, opens the run folder and hands over to :func:`fit`; :func:`evaluate_checkpoint` is ``--eval``.
+docs/training.md describes the run folder and its guarantees.
 """
-import datetime
 import json
 import logging
-import random
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 from . import engine
-from .checkpoint import CheckpointError, extract_state_dict, load_state_dict, read_checkpoint
-from .config import RUNS, ConfigError, check, parse_args
-from .data import (DatasetError, build_datasets, build_eval_batches, build_train_batches, dataset_family)
-from .distributed import (DistributedError, barrier, default_device, init_distributed, shutdown, stall_watch)
+from .build import EXPECTED_ERRORS, build_model, load_weights, resolve_device
+from .checkpoint import read_checkpoint, resume_state
+from .config import RUNS, check, parse_args
+from .data import build_datasets, build_eval_batches, build_train_batches, dataset_family
+from .distributed import barrier, default_device, init_distributed, shutdown, stall_watch
+from .files import write_atomically
 from .logs import setup_logging
-from .neuron import NeuronBackendError, choose_neuron
+from .neuron import choose_neuron
 from .optim import Schedule, absolute_lr, build_optimizer
-from .run_folder import RunFolder, RunFolderError, resume_state
-from .variants import create_model
+from .run_folder import RunFolder, run_folder_path
 
 _logger = logging.getLogger(__name__)
-
-EXPECTED_ERRORS = (ConfigError, DatasetError, CheckpointError, NeuronBackendError, RunFolderError, DistributedError,
-                   engine.NonFiniteLossError)
 
 
 def main(argv=None, default_config=None, description=None, defaults=None):
@@ -51,52 +44,39 @@ def main(argv=None, default_config=None, description=None, defaults=None):
         shutdown()
 
 
-def run(options):
-    command = 'eval' if options.eval else 'train'
-    family = dataset_family(options.dataset)
-    check(options, command, family)
-    dist = init_distributed(torch.device(options.device or default_device()).type, options.dist_timeout)
+def run(cfg):
+    command = 'eval' if cfg.eval else 'train'
+    check(cfg, command, dataset_family(cfg.dataset))
+    dist = init_distributed(torch.device(cfg.device or default_device()).type, cfg.dist_timeout)
     setup_logging(dist.is_main)
-    cfg = resolve(options, dist)
-    seed_everything(cfg.seed)  # the model's initial weights
-    model = build_model(cfg, family)
+    cfg = resolve(cfg, dist)
+    engine.seed_everything(cfg.seed)  # the model's initial weights
+    model = build_model(cfg)
     with stall_watch(dist, cfg.dist_timeout):
         if cfg.eval:
             return evaluate_checkpoint(cfg, model, dist)
         return train(cfg, model, dist)
 
 
-def resolve_device(requested, dist):
-    """The device of this process: ``requested`` (default: CUDA where available), on a multi-GPU run
-    the process's own GPU."""
-    device = torch.device(requested or default_device())
-    if device.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise ConfigError(f'--device {requested}: CUDA is not available on this machine; use --device cpu')
-        if dist.enabled:
-            device = torch.device('cuda', dist.local_rank)
-    return device
-
-
-def resolve(options, dist):
+def resolve(cfg, dist):
     """The configuration of this process with every derived value filled in, once: the device, the
     neurons that run on it, whether AMP applies, the learning rate from ``blr``, the evaluation batch
     size. This is what args.yaml and the checkpoints record."""
-    device = resolve_device(options.device, dist)
-    if options.amp and device.type != 'cuda':
+    device = resolve_device(cfg.device, dist)
+    if cfg.amp and device.type != 'cuda':
         _logger.info('--amp applies to CUDA only; running in float32 on %s', device.type)
-    choice = choose_neuron(options.neuron, options.neuron_backend, device)
-    eval_amp = options.amp if options.eval_amp is None else options.eval_amp
+    choice = choose_neuron(cfg.neuron, cfg.neuron_backend, device)
+    eval_amp = cfg.amp if cfg.eval_amp is None else cfg.eval_amp
     derived = dict(device=str(device), neuron=choice.implementation, neuron_backend=choice.backend,
-                   amp=options.amp and device.type == 'cuda', eval_amp=eval_amp and device.type == 'cuda',
-                   val_batch_size=options.val_batch_size or options.batch_size)
-    if not options.eval and options.lr is None:
-        images = options.batch_size * options.accum_iter * dist.world_size
-        derived['lr'] = absolute_lr(options.blr, images)
+                   amp=cfg.amp and device.type == 'cuda', eval_amp=eval_amp and device.type == 'cuda',
+                   val_batch_size=cfg.val_batch_size or cfg.batch_size)
+    if not cfg.eval and cfg.lr is None:
+        images = cfg.batch_size * cfg.accum_iter * dist.world_size
+        derived['lr'] = absolute_lr(cfg.blr, images)
         _logger.info('lr %.3e: blr %.3e x %d images per optimiser step (batch size %d x accum_iter %d x %d '
-                     'processes) / 256', derived['lr'], options.blr, images, options.batch_size, options.accum_iter,
+                     'processes) / 256', derived['lr'], cfg.blr, images, cfg.batch_size, cfg.accum_iter,
                      dist.world_size)
-    cfg = options.replace(**derived)
+    cfg = cfg.replace(**derived)
     if dist.is_main:
         _warn_about_batch_dependence(cfg)
     return cfg
@@ -110,70 +90,6 @@ def _warn_about_batch_dependence(cfg):
                         cfg.reference_eval_batch_size, cfg.reference_eval_batch_size)
 
 
-def build_model(cfg, family):
-    """The model on the run's device, after a forward pass of one input of the dataset's shape on the
-    'meta' device (no memory, no time) has shown that the size options fit together."""
-    input_shape = {'cifar': (1, 3), 'imagenet': (1, 3), 'events': (1, cfg.time_step or 1, 2)}[family]
-    try:
-        with torch.device('meta'):
-            probe = create_model(cfg.replace(neuron='fused', neuron_backend='auto')).eval()
-            side = cfg.img_size or {'cifar': 32, 'imagenet': 224, 'events': 128}[family]
-            probe.forward_head(probe.forward_features(torch.empty(*input_shape, side, side)))  # no neuron choice on meta
-    except ConfigError:
-        raise
-    except (ValueError, RuntimeError) as exc:
-        sizes = ', '.join(f'{name}={getattr(cfg, name)}' for name in
-                          ('dim', 'num_heads', 'layer', 'time_step', 'mlp_ratio', 'img_size', 'num_classes')
-                          if getattr(cfg, name) is not None)
-        raise ConfigError(f'{cfg.model} cannot be built with these options ({sizes or "its defaults"}): {exc}') from None
-    return create_model(cfg).to(cfg.device)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def epoch_seed(seed, epoch, rank):
-    """Every random draw of an epoch follows from (seed, epoch, rank), so a resumed run repeats the
-    augmentation, mixup and shuffling of an uninterrupted one without saving RNG states."""
-    return seed * 1_000_003 + epoch * 1009 + rank
-
-
-def run_folder_path(cfg):
-    """``--experiment`` under ``--output``; a resumed run's own folder; else ``run_name`` filled in with
-    the options (``{model}_b{batch_size}``) and the start time (``{date}``)."""
-    if cfg.experiment:
-        return Path(cfg.output) / cfg.experiment
-    if cfg.resume and not cfg.eval:
-        return Path(cfg.resume).resolve().parent
-    template = ('eval-' if cfg.eval and cfg.run_name else '') + cfg.run_name
-    return Path(cfg.output) / template.format(**cfg.to_dict(), date=datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
-
-
-def load_weights(model, path, checkpoint=None, fine_tune=False):
-    """Load the weights of ``path`` (or of ``checkpoint``, already read from it) into ``model``."""
-    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
-    dropped = load_state_dict(model, extract_state_dict(checkpoint, source=path), drop_mismatched_head=fine_tune,
-                              source=path)
-    if dropped:
-        _logger.warning('%s: classifier weights of another shape left out (%s); the classifier starts from random '
-                        'weights', path, ', '.join(dropped))
-    return checkpoint
-
-
-@dataclass
-class Trainer:
-    """What training updates: the model (and its DDP wrapper), optimiser, schedule, scaler and loss."""
-    model: nn.Module
-    ddp_model: nn.Module
-    optimizer: torch.optim.Optimizer
-    schedule: Schedule
-    scaler: object
-    loss_fn: nn.Module
-
-
 def build_trainer(cfg, model, dist, mixes):
     ddp_model = model
     if dist.enabled:
@@ -184,8 +100,8 @@ def build_trainer(cfg, model, dist, mixes):
         loss_fn = SoftTargetCrossEntropy()  # mixup's targets already carry the label smoothing
     else:
         loss_fn = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing) if cfg.smoothing else nn.CrossEntropyLoss()
-    scaler = torch.amp.GradScaler('cuda') if cfg.amp else None
-    return Trainer(model, ddp_model, optimizer, Schedule(cfg, optimizer), scaler, loss_fn)
+    scaler = torch.amp.GradScaler(torch.device(cfg.device).type, enabled=cfg.amp)
+    return engine.Trainer(model, ddp_model, optimizer, Schedule(cfg, optimizer), scaler, loss_fn, dist)
 
 
 def restore(trainer, checkpoint, cfg):
@@ -195,7 +111,7 @@ def restore(trainer, checkpoint, cfg):
         return cfg.start_epoch
     state = resume_state(checkpoint, cfg.checkpoint_format, source=cfg.resume)
     trainer.optimizer.load_state_dict(state['optimizer'])
-    if trainer.scaler is not None and state['scaler'] is not None:
+    if trainer.scaler.is_enabled() and state['scaler'] is not None:
         trainer.scaler.load_state_dict(state['scaler'])
     if trainer.schedule.scheduler is not None and state['scheduler']:
         trainer.schedule.scheduler.load_state_dict(state['scheduler'])
@@ -214,39 +130,31 @@ def train(cfg, model, dist):
     trainer = build_trainer(cfg, model, dist, train_batches.mixes)
     start_epoch = restore(trainer, checkpoint, cfg)
     if not dist.is_main:
-        return fit(cfg, trainer, train_batches, eval_batches, None, start_epoch, dist)
-    with RunFolder.open(run_folder_path(cfg), cfg.checkpoint_format, cfg.to_dict(),
-                        num_epochs=trainer.schedule.num_epochs, resume_from=cfg.resume, checkpoint=checkpoint,
-                        checkpoint_hist=cfg.checkpoint_hist, log_dir=cfg.log_dir) as folder:
+        return fit(cfg, trainer, train_batches, eval_batches, None, start_epoch)
+    with RunFolder.open(run_folder_path(cfg), cfg.checkpoint_format, cfg, num_epochs=trainer.schedule.num_epochs,
+                        resume_from=cfg.resume, checkpoint=checkpoint, checkpoint_hist=cfg.checkpoint_hist,
+                        log_dir=cfg.log_dir) as folder:
         _logger.info('run folder %s; %d training and %d evaluation samples; epochs %d to %d', folder.path,
                      len(train_set), len(eval_set), start_epoch, trainer.schedule.num_epochs - 1)
-        return fit(cfg, trainer, train_batches, eval_batches, folder, start_epoch, dist)
+        return fit(cfg, trainer, train_batches, eval_batches, folder, start_epoch)
 
 
-def fit(cfg, trainer, train_batches, eval_batches, folder, start_epoch, dist):
+def fit(cfg, trainer, train_batches, eval_batches, folder, start_epoch):
     """Train and evaluate every epoch from ``start_epoch``; the main process (the one with the run
     ``folder``) logs and saves. Returns the best epoch's ``{'top1', 'top5', 'epoch'}`` on the main process."""
     device = torch.device(cfg.device)
-    num_epochs = trainer.schedule.num_epochs
-    for epoch in range(start_epoch, num_epochs):
-        seed = epoch_seed(cfg.seed, epoch, dist.rank)
-        seed_everything(seed)
+    for epoch in range(start_epoch, trainer.schedule.num_epochs):
         trainer.schedule.start_epoch(epoch)
         try:
-            train_metrics = engine.train_one_epoch(
-                trainer.ddp_model, train_batches.epoch(epoch, seed), len(train_batches), trainer.optimizer,
-                trainer.loss_fn, device, epoch, num_epochs, scaler=trainer.scaler, amp=cfg.amp,
-                accum_iter=cfg.accum_iter, clip_grad=cfg.clip_grad, lr_at=trainer.schedule.lr_at,
-                log_interval=cfg.log_interval, is_main=dist.is_main, world_size=dist.world_size)
+            train_metrics = engine.train_one_epoch(trainer, train_batches, epoch, cfg)
         except engine.NonFiniteLossError as exc:
             kept = (f'the last good checkpoint is {folder.last}' if folder is not None and folder.last.exists()
                     else 'no checkpoint had been written yet')
             raise engine.NonFiniteLossError(f'{exc}; training stopped, {kept}. Try a lower --lr or --no-amp') from None
-        if dist.enabled:  # every process evaluates the model that rank 0 saves, with its BatchNorm statistics
+        if trainer.dist.enabled:  # every process evaluates the model that rank 0 saves, with its BatchNorm statistics
             for buffer in trainer.model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
-        metrics = engine.evaluate(trainer.model, eval_batches.epoch(), len(eval_batches), device, amp=cfg.eval_amp,
-                                  is_main=dist.is_main)
+        metrics = engine.evaluate(trainer.model, eval_batches, device, cfg.eval_amp, trainer.dist.is_main)
         if folder is not None:
             record_epoch(trainer, folder, epoch, train_metrics, metrics)
         barrier()
@@ -259,7 +167,7 @@ def record_epoch(trainer, folder, epoch, train_metrics, metrics):
     folder.log_epoch(row, {'grad_norm': train_metrics['grad_norm'],
                            'n_parameters': sum(p.numel() for p in trainer.model.parameters())})
     folder.save(epoch, metrics['top1'], metrics['top5'], model=trainer.model, optimizer=trainer.optimizer,
-                scheduler=trainer.schedule.scheduler, scaler=trainer.scaler)
+                scheduler=trainer.schedule.scheduler, scaler=trainer.scaler if trainer.scaler.is_enabled() else None)
     _logger.info('epoch %d: train loss %.4f, eval loss %.4f, top-1 %.2f (best %.2f), top-5 %.2f', epoch,
                  row['train_loss'], row['eval_loss'], row['eval_top1'], folder.best['top1'], row['eval_top5'])
 
@@ -273,12 +181,11 @@ def evaluate_checkpoint(cfg, model, dist):
     load_weights(model, path)
     _, eval_set = build_datasets(cfg, training=False)
     batches = build_eval_batches(cfg, eval_set, dist, torch.device(cfg.device), cfg.val_batch_size)
-    metrics = engine.evaluate(model, batches.epoch(), len(batches), torch.device(cfg.device), amp=cfg.eval_amp,
-                              is_main=dist.is_main)
+    metrics = engine.evaluate(model, batches, torch.device(cfg.device), cfg.eval_amp, dist.is_main)
     if dist.is_main:
         result = _unused_path(run_folder_path(cfg) / 'eval.json')
-        result.parent.mkdir(parents=True, exist_ok=True)
-        result.write_text(json.dumps(dict(metrics, checkpoint=str(path), model=cfg.model), indent=2) + '\n')
+        text = json.dumps(dict(metrics, checkpoint=str(path), model=cfg.model), indent=2) + '\n'
+        write_atomically(result, lambda f: f.write(text.encode()))
         _logger.info('%d samples evaluated; results in %s', metrics['images'], result)
         print(accuracy_line(metrics), flush=True)
     return metrics

@@ -71,7 +71,7 @@ def crash_at_epoch(epoch):
     real = engine.train_one_epoch
 
     def crashing(*args, **kwargs):
-        if args[6] == epoch:
+        if args[2] == epoch:
             raise KeyboardInterrupt('simulated crash')
         return real(*args, **kwargs)
 

@@ -13,12 +13,12 @@ from spikingjelly.datasets import cifar10_dvs
 
 from conftest import FOLDER_MODELS, REPO_ROOT, crash_at_epoch
 from conftest import train_script as train
-from sglformer import augment, training
-from sglformer.augment import OPERATIONS, EventAugment, apply_operation
 from sglformer.checkpoint import read_checkpoint
 from sglformer.config import parse_args
-from sglformer.data import build_datasets
+from sglformer.data import augment, build_datasets
+from sglformer.data.augment import OPERATIONS, EventAugment, apply_operation
 from sglformer.data.dvs import per_class_split, read_cifar10_dvs_events
+from sglformer.run_folder import run_folder_path
 from sglformer.testing import events_of, write_cifar10_dvs_archives, write_events_np
 
 MODEL = ['--dim', '48', '--num-heads', '4', '--T', '2', '-b', '2', '-j', '0', '--img-size', '128', '--device', 'cpu']
@@ -167,7 +167,7 @@ def test_yaml_holds_the_recipe_and_the_authors_flags_work(folder):
     assert parse_args(['--test-only'], config).eval is True
     assert (args.device, args.dim, args.num_heads, args.layer, args.mlp_ratio) == ('cpu', 64, 8, 2, 2.0)
     assert parse_args(['--T-train', '4', '--amp', '--eval'], config).T_train == 4
-    name = training.run_folder_path(parse_args(['--T', '16'], config))
+    name = run_folder_path(parse_args(['--T', '16'], config))
     assert name.as_posix() == f'logs/{FOLDER_MODELS[folder]}_b16_T16/lr0.005'
 
 

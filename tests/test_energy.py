@@ -9,8 +9,9 @@ from conftest import REPO_ROOT
 import torch
 from torch import nn
 
+from sglformer.build import synthetic_batches
 from sglformer.energy import (E_AC_PJ, E_MAC_PJ, PJ_TO_MJ, EnergyMeter, attention_ops, firing_rate, input_kind, main,
-                              measure, summarize, synthetic_batches)
+                              measure, summarize)
 from sglformer.layers import SpikeAttention
 from sglformer.neuron import create_lif, is_lif, reset_neurons
 
@@ -250,7 +251,7 @@ def trained_small_cifar():
     synthetic batch (seed 0, 2 images), and that batch."""
     name, kwargs, _ = SMALL_MODELS['cifar10']
     model = timm.create_model(name, **kwargs)
-    images = next(synthetic_batches(model, 1, 2, 32, seed=0))
+    images = next(synthetic_batches(model, 1, 2, seed=0))
     return with_spikes(model, images), images
 
 

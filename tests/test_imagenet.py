@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -13,13 +14,15 @@ import timm
 import torch
 from PIL import Image
 from torch import nn
+from torch.amp import GradScaler
 from torchvision.transforms import ColorJitter
 
 from conftest import REPO_ROOT, crash_at_epoch, free_port, train_script
 from sglformer import engine, optim
 from sglformer.checkpoint import read_checkpoint
-from sglformer.config import parse_args
+from sglformer.config import Config, parse_args
 from sglformer.data import ShardSampler, image_transforms
+from sglformer.distributed import DistInfo
 from sglformer.testing import write_image_folder
 
 CLASSES = ('n01440764', 'n01443537', 'n01484850', 'n01491361')
@@ -164,14 +167,21 @@ class CountingSync(nn.Module):
         yield
 
 
+class Batches(list):
+    def epoch(self, *args):
+        return iter(self)
+
+
 def test_accumulation_syncs_and_steps_only_on_the_last_micro_batch():
     model = CountingSync(nn.Linear(3, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     stepped = []
     optimizer.register_step_post_hook(lambda *_: stepped.append(True))
-    loader = [(torch.randn(2, 3), torch.tensor([0, 1])) for _ in range(7)]
-    engine.train_one_epoch(model, loader, len(loader), optimizer, nn.CrossEntropyLoss(), torch.device('cpu'), 0, 1,
-                           accum_iter=3, is_main=False)
+    batches = Batches([(torch.randn(2, 3), torch.tensor([0, 1])) for _ in range(7)])
+    trainer = engine.Trainer(model, model, optimizer, Namespace(num_epochs=1, lr_at=None), GradScaler('cpu', enabled=False),
+                             nn.CrossEntropyLoss(), DistInfo(1, 2))
+    engine.train_one_epoch(trainer, batches, 0, Config(dict(seed=0, accum_iter=3, clip_grad=None, amp=False,
+                                                            log_interval=50)))
     assert len(stepped) == 3  # after micro-batches 3, 6 and the last, 7
     assert model.unsynced == 4  # micro-batches 1, 2, 4, 5 skip the gradient all-reduce
 

@@ -166,7 +166,7 @@ def test_model_backend_errors():
 
 def test_concrete_choices_build_without_a_decision(monkeypatch):
     """What the training code does: one choose_neuron, then a model built with its result."""
-    from sglformer.variants import create_model
+    from sglformer.build import create_model
     choice = choose_neuron('auto', 'auto', 'cpu')
     args = argparse.Namespace(model='sglformer_cifar10', dim=48, num_heads=4, time_step=1, device='cpu',
                               neuron=choice.implementation, neuron_backend=choice.backend)
@@ -181,7 +181,7 @@ def test_concrete_choices_build_without_a_decision(monkeypatch):
 
 
 def test_create_model_passes_auto_through():
-    from sglformer.variants import create_model
+    from sglformer.build import create_model
     args = argparse.Namespace(model='sglformer_cifar10', dim=48, num_heads=4, time_step=1, neuron='auto',
                               neuron_backend='auto')
     model = create_model(args)

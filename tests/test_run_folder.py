@@ -16,19 +16,22 @@ from timm.utils import CheckpointSaver
 from torch import nn
 
 from conftest import REPO_ROOT
-from sglformer import run_folder
-from sglformer.checkpoint import read_checkpoint
-from sglformer.run_folder import RunFolder, RunFolderError, resume_state
+from sglformer import files, run_folder
+from sglformer.checkpoint import LAYOUTS, CheckpointError, read_checkpoint, resume_state
+from sglformer.config import Config
+from sglformer.files import FolderInUseError, WriteError
+from sglformer.run_folder import RunFolder, RunFolderError
 
-SETTINGS = {'model': 'tiny', 'lr': 0.1, 'epochs': 8}
+SETTINGS = Config({'model': 'tiny', 'lr': 0.1, 'epochs': 8})
 
 # A run that opens a folder, writes epoch 0, says so, and keeps the folder until its stdin closes.
 HOLDER = '''
 import sys, torch
 from torch import nn
+from sglformer.config import Config
 from sglformer.run_folder import RunFolder
 model = nn.Linear(4, 2)
-with RunFolder.open(sys.argv[1], 'timm', {'model': 'tiny'}, num_epochs=3) as folder:
+with RunFolder.open(sys.argv[1], 'timm', Config({'model': 'tiny'}), num_epochs=3) as folder:
     folder.log_epoch({'epoch': 0, 'eval_top1': 50.0})
     folder.save(0, 50.0, 90.0, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     print('ready', flush=True)
@@ -66,7 +69,7 @@ def resume(path, source, layout, top1s, trainee=None, num_epochs=None, **options
     checkpoint = read_checkpoint(source)
     trainee = trainee or Trainee()
     state = resume_state(checkpoint, layout)
-    trainee.model.load_state_dict(checkpoint[run_folder.LAYOUTS[layout].weights_key])
+    trainee.model.load_state_dict(checkpoint[LAYOUTS[layout].weights_key])
     trainee.optimizer.load_state_dict(state['optimizer'])
     return train(path, layout, top1s, state['start_epoch'], trainee, num_epochs, resume_from=source,
                  checkpoint=checkpoint, **options)
@@ -106,11 +109,11 @@ def checkpoints(folder):
 
 @pytest.fixture
 def messages():
-    """What sglformer.run_folder logs (the 'sglformer' logger may not propagate to pytest's handler)."""
+    """What the package logs (the 'sglformer' logger may not propagate to pytest's handler)."""
     records = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
-    logger = logging.getLogger(run_folder.__name__)
+    logger = logging.getLogger('sglformer')
     logger.addHandler(handler)
     level = logger.level
     logger.setLevel(logging.INFO)
@@ -135,7 +138,7 @@ def holder(tmp_path):
 
 
 def resume_from_last(path, layout='timm'):
-    last = path / run_folder.LAYOUTS[layout].last
+    last = path / LAYOUTS[layout].last
     return RunFolder.open(path, layout, SETTINGS, num_epochs=3, resume_from=last, checkpoint=read_checkpoint(last))
 
 
@@ -143,7 +146,7 @@ def test_a_second_run_into_a_live_folder_is_refused_and_changes_nothing(holder, 
     path, process = holder
     before = contents(path)
     for attempt in (lambda: RunFolder.open(path, 'timm', SETTINGS, num_epochs=3), lambda: resume_from_last(path)):
-        with pytest.raises(RunFolderError) as error:
+        with pytest.raises(FolderInUseError) as error:
             attempt()
         assert str(error.value).startswith(f'{path} is in use by another run (pid {process.pid} on '
                                            f'{socket.gethostname()}, started ')
@@ -171,22 +174,37 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_one_line(holder, messages):
 
 def test_a_new_run_into_a_folder_holding_a_run_is_refused(tmp_path):
     path = tmp_path / 'run'
+    train(path, 'timm', [10.0])
+    before = contents(path)
+    with pytest.raises(RunFolderError, match=r'already holds a run \(checkpoint-0.pth.tar, last.pth.tar, '
+                                             r'model_best.pth.tar\), which a new run would overwrite: continue it '
+                                             r'with --resume .*last.pth.tar, or start the new run in another folder'):
+        RunFolder.open(path, 'timm', SETTINGS, num_epochs=3)
+    assert contents(path) == before
+
+
+def test_a_folder_without_checkpoints_is_started_again(tmp_path, messages):
+    """A run that stopped before its first checkpoint (a bad sample, a full disk) has nothing to lose: the
+    same command starts again in its folder, without the rows of the epoch that never got a checkpoint."""
+    path = tmp_path / 'run'
     path.mkdir()
     (path / 'summary.csv').write_text('epoch,train_loss\n0,1.0\n')
-    with pytest.raises(RunFolderError, match=r'already holds a run \(summary.csv\), which a new run would '
-                                             r'overwrite: start the new run in another folder'):
-        RunFolder.open(path, 'timm', SETTINGS, num_epochs=3)
-    assert [p.name for p in path.iterdir()] == ['summary.csv']
+    (path / 'args.yaml').write_text('model: other\n')
+    train(path, 'timm', [10.0, 20.0])
+    train(tmp_path / 'straight', 'timm', [10.0, 20.0])
+    assert_same_run(path, tmp_path / 'straight')
+    assert any('holds no checkpoint, only summary.csv, args.yaml of a run that stopped before its first epoch '
+               'ended: starting again in it' in m for m in messages)
 
 
 def test_nothing_is_written_before_the_checks(tmp_path):
     with pytest.raises(RunFolderError, match='--checkpoint-hist 0: keep at least 1'):
         RunFolder.open(tmp_path / 'new', 'timm', SETTINGS, num_epochs=3, checkpoint_hist=0)
-    with pytest.raises(RunFolderError, match="unknown checkpoint format 'tim'; one of timm, dvs, mae"):
+    with pytest.raises(CheckpointError, match="unknown checkpoint format 'tim'; one of timm, dvs, mae"):
         RunFolder.open(tmp_path / 'new', 'tim', SETTINGS, num_epochs=3)
     weights_only = tmp_path / 'weights.pth'
     torch.save(nn.Linear(4, 2).state_dict(), weights_only)
-    with pytest.raises(RunFolderError, match=f"{weights_only} has no 'epoch', 'optimizer', 'state_dict', so it is not "
+    with pytest.raises(CheckpointError, match=f"{weights_only} has no 'epoch', 'optimizer', 'state_dict', so it is not "
                                              'a training checkpoint of the timm format; .* --initial-checkpoint'):
         RunFolder.open(tmp_path / 'new', 'timm', SETTINGS, num_epochs=3, resume_from=weights_only,
                        checkpoint=read_checkpoint(weights_only))
@@ -255,14 +273,14 @@ def test_a_full_disk_at_the_checkpoint_gives_one_error_and_keeps_the_previous(tm
         trainee.epoch(folder, 0, 10.0)
         monkeypatch.setattr(torch, 'save', full_disk)
         Usage = namedtuple('Usage', 'total used free')
-        monkeypatch.setattr(run_folder.shutil, 'disk_usage', lambda _: Usage(10 ** 6, 10 ** 6 - 50, 50))
-        with pytest.raises(RunFolderError) as error:
+        monkeypatch.setattr(files.shutil, 'disk_usage', lambda _: Usage(10 ** 6, 10 ** 6 - 50, 50))
+        with pytest.raises(WriteError) as error:
             trainee.epoch(folder, 1, 20.0)
         monkeypatch.setattr(torch, 'save', real_save)
     # 80 bytes: weight and bias (10 float32) and their momentum buffers
     assert str(error.value) == (f"could not write {path / 'last.pth.tar'}: no space left on the device (about 80 "
                                 "bytes needed, 50 bytes free); the run folder's earlier files are intact: free some "
-                                'space (or choose another --output) and resume')
+                                f"space (or choose another --output) and resume with --resume {path / 'last.pth.tar'}")
     assert checkpoints(path) == {'last.pth.tar': (0, 10.0), 'checkpoint-0.pth.tar': (0, 10.0),
                                  'model_best.pth.tar': (0, 10.0)}
     assert not [p for p in path.iterdir() if p.name.endswith('.tmp')]
@@ -280,10 +298,10 @@ def test_a_failed_log_write_leaves_no_half_row(tmp_path, monkeypatch):
         trainee.epoch(folder, 0, 10.0)
         logs = lambda: [(path / name).read_bytes() for name in ('summary.csv', 'log.txt')]  # noqa: E731
         before = logs()
-        monkeypatch.setattr(run_folder.os, 'fsync', failing)
-        with pytest.raises(RunFolderError, match=f"could not write {path / 'summary.csv'}: Input/output error$"):
+        monkeypatch.setattr(files.os, 'fsync', failing)
+        with pytest.raises(WriteError, match=f"could not write {path / 'summary.csv'}: Input/output error$"):
             trainee.epoch(folder, 1, 20.0)
-        monkeypatch.setattr(run_folder.os, 'fsync', real_fsync)
+        monkeypatch.setattr(files.os, 'fsync', real_fsync)
         assert logs() == before
 
 
@@ -294,7 +312,7 @@ def test_a_failed_tensorboard_write_names_its_folder(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, 'No space left on device')
 
         monkeypatch.setattr(folder.writer, 'flush', full)
-        with pytest.raises(RunFolderError, match=f"^could not write {tmp_path / 'tb'}: no space left on the device "
+        with pytest.raises(WriteError, match=f"^could not write {tmp_path / 'tb'}: no space left on the device "
                                                  r'\(\d+\.\d (KiB|MiB|GiB) free\)'):
             trainee.epoch(folder, 0, 10.0)
         monkeypatch.undo()
@@ -318,7 +336,7 @@ def test_a_really_full_file_system(tiny_filesystem):
     trainee = Trainee(width=256, outputs=256)  # 514 KiB a checkpoint: a second one does not fit beside it
     with RunFolder.open(path, 'timm', SETTINGS, num_epochs=3, log_dir=tiny_filesystem.parent / 'tb') as folder:
         trainee.epoch(folder, 0, 10.0)
-        with pytest.raises(RunFolderError, match=r'^could not write .*/last.pth.tar: no space left on the device '
+        with pytest.raises(WriteError, match=r'^could not write .*/last.pth.tar: no space left on the device '
                                                  r'\(about 514.0 KiB needed, \d+.\d KiB free\)'):
             trainee.epoch(folder, 1, 20.0)
     assert checkpoints(path) == {'last.pth.tar': (0, 10.0), 'checkpoint-0.pth.tar': (0, 10.0),
@@ -367,21 +385,21 @@ def test_timm_container_keys(tmp_path):
     last = read_checkpoint(tmp_path / 'run' / 'last.pth.tar')
     assert set(last) == {'epoch', 'arch', 'state_dict', 'optimizer', 'version', 'args', 'metric', 'amp_scaler',
                          'saver'}
-    assert (last['arch'], last['version'], vars(last['args'])) == ('tiny', 2, SETTINGS)
+    assert (last['arch'], last['version'], vars(last['args'])) == ('tiny', 2, SETTINGS.to_dict())
     assert last['amp_scaler']['scale'] == 65536.0
 
 
 def crash_at_copy(monkeypatch, target, epoch):
     """The copy of epoch ``epoch``'s latest checkpoint named ``target`` dies (as a kill -9 would) before it
     is made."""
-    real = run_folder._link_atomically
+    real = run_folder.link_atomically
 
     def crashing(source, destination):
         if destination.name == target and read_checkpoint(source)['epoch'] == epoch:
             raise KeyboardInterrupt('simulated kill')
         real(source, destination)
 
-    monkeypatch.setattr(run_folder, '_link_atomically', crashing)
+    monkeypatch.setattr(run_folder, 'link_atomically', crashing)
 
 
 @pytest.mark.parametrize('cut', ['between runs', 'before the numbered copy', 'before model_best'])

@@ -20,7 +20,7 @@ from conftest import FOLDER_MODELS, REPO_ROOT, crash_at_epoch, free_port
 from conftest import train_script as train
 from sglformer import engine, training
 from sglformer.checkpoint import read_checkpoint
-from sglformer.config import check, parse_args
+from sglformer.config import Config, check, parse_args
 from sglformer.data import build_datasets, build_train_batches
 from sglformer.distributed import DistInfo
 from sglformer.neuron import NeuronChoice
@@ -111,8 +111,8 @@ def test_cifar_batches_are_mixed_as_uint8_then_normalised_and_erased_as_timms_pr
     cfg = cifar_options(cifar_roots['cifar10'], '--reprob', '1.0', '--mixup', '0.5', '--mixup-prob', '1.0')
     train_set, _ = build_datasets(cfg)
     batches = build_train_batches(cfg, train_set, DistInfo(), torch.device('cpu'), 10)
-    seed = training.epoch_seed(cfg.seed, 3, 0)
-    training.seed_everything(seed)
+    seed = engine.epoch_seed(cfg.seed, 3, 0)
+    engine.seed_everything(seed)
     ours = next(iter(batches.epoch(3, seed)))
 
     order = list(batches.loader.sampler)[:cfg.batch_size]  # the same samples in the same order
@@ -122,7 +122,7 @@ def test_cifar_batches_are_mixed_as_uint8_then_normalised_and_erased_as_timms_pr
                         generator=torch.Generator())  # its own generator: torch's global stream is the transforms'
     timm_loader = PrefetchLoader(loader, mean=cfg.mean, std=cfg.std, device=torch.device('cpu'), re_prob=1.0,
                                  re_mode='const')
-    training.seed_everything(seed)
+    engine.seed_everything(seed)
     reference = next(iter(timm_loader))
     assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1])
     erased = (ours[0] == 0).all(dim=1)  # const erasing writes 0 in every channel of the mixed batch
@@ -143,8 +143,8 @@ def test_each_folder_evaluates_in_the_authors_precision(monkeypatch, folder, amp
 
 def test_training_and_evaluation_take_their_own_precision(monkeypatch):
     seen = {}
-    monkeypatch.setattr(engine, 'train_one_epoch', lambda *a, **k: seen.update(train=k['amp']) or {})
-    monkeypatch.setattr(engine, 'evaluate', lambda *a, **k: seen.update(eval=k['amp']) or {})
+    monkeypatch.setattr(engine, 'train_one_epoch', lambda trainer, batches, epoch, cfg: seen.update(train=cfg.amp) or {})
+    monkeypatch.setattr(engine, 'evaluate', lambda model, batches, device, amp, is_main: seen.update(eval=amp) or {})
     cfg = parse_args(['--neuron', 'fused'], REPO_ROOT / 'cifar10-dvs' / 'cifar10-dvs.yml').replace(
         device='cpu', amp=True, eval_amp=False, epochs=1)
 
@@ -152,9 +152,9 @@ def test_training_and_evaluation_take_their_own_precision(monkeypatch):
         def epoch(self, *args):
             return iter(self)
 
-    trainer = training.Trainer(None, None, None, argparse.Namespace(num_epochs=1, start_epoch=lambda e: None,
-                                                                     lr_at=None), None, None)
-    training.fit(cfg, trainer, Batches(), Batches(), None, 0, DistInfo())
+    trainer = engine.Trainer(None, None, None, argparse.Namespace(num_epochs=1, start_epoch=lambda e: None,
+                                                                   lr_at=None), None, None)
+    training.fit(cfg, trainer, Batches(), Batches(), None, 0)
     assert seen == {'train': True, 'eval': False}
 
 
@@ -283,7 +283,7 @@ def test_a_new_run_never_overwrites_an_earlier_one(cifar_roots, trained_run, cap
 
 
 def test_a_run_into_a_folder_in_use_is_refused(tmp_path, cifar_roots, capsys):
-    with RunFolder.open(tmp_path / 'busy', 'timm', {'model': 'other'}, num_epochs=1):
+    with RunFolder.open(tmp_path / 'busy', 'timm', Config({'model': 'other'}), num_epochs=1):
         err = run_expecting_error(capsys, '--data-dir', str(cifar_roots['cifar10']), *SMALL, '--epochs', '1',
                                   '--output', str(tmp_path), '--experiment', 'busy')
     assert 'is in use by another run' in err and f'pid {os.getpid()}' in err

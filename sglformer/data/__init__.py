@@ -7,7 +7,7 @@ Each kind of dataset is loaded the way the authors' script for it loads it:
   and applies random erasing to it on the device.
 - ImageNet (the MAE fine-tuning script): timm's transforms normalise and erase each image; mixup, when
   on, mixes the batch on the device.
-- Event data (the DVS scripts): the frame augmentation of :mod:`sglformer.augment` per sample; mixup on
+- Event data (the DVS scripts): the frame augmentation of :mod:`sglformer.data.augment` per sample; mixup on
   the device.
 """
 import torch
@@ -17,10 +17,11 @@ from timm.data.loader import PrefetchLoader, fast_collate
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from ..config import ConfigError
-from .cifar import CIFAR, DatasetError
+from .cifar import CIFAR
 from .dvs import EVENT_DATASET_NAMES, build_event_datasets
+from .errors import DatasetError, UnreadableSampleError
 from .imagenet import image_folder_datasets
-from .unreadable import SkipUnreadable, UnreadableSampleError
+from .unreadable import SkipUnreadable
 
 # The authors' names (timm's ``torch/cifar10``) and plain ones.
 CIFAR_NAMES = {'torch/cifar10': 'cifar10', 'cifar10': 'cifar10', 'torch/cifar100': 'cifar100', 'cifar100': 'cifar100'}

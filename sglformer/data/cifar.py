@@ -13,6 +13,8 @@ import torchvision
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .errors import DatasetError
+
 LAYOUTS = {
     # dataset: (folder, train files, test files, label key, meta file, class-names key)
     'cifar10': ('cifar-10-batches-py', tuple(f'data_batch_{i}' for i in range(1, 6)), ('test_batch',),
@@ -20,10 +22,6 @@ LAYOUTS = {
     'cifar100': ('cifar-100-python', ('train',), ('test',), b'fine_labels', 'meta', b'fine_label_names'),
 }
 DOWNLOADERS = {'cifar10': torchvision.datasets.CIFAR10, 'cifar100': torchvision.datasets.CIFAR100}
-
-
-class DatasetError(FileNotFoundError):
-    """A dataset folder is missing or malformed; the message says what goes where."""
 
 
 def find_cifar_folder(root, name):

@@ -38,10 +38,9 @@ from spikingjelly.datasets import integrate_events_by_fixed_frames_number, np_sa
 from torch.utils.data import Dataset
 from torchvision.datasets.utils import check_integrity, extract_archive
 
-from ..augment import EventAugment
 from ..config import ConfigError
-from .cifar import DatasetError
-from .unreadable import UnreadableSampleError
+from .augment import EventAugment
+from .errors import DatasetError, UnreadableSampleError
 
 _logger = logging.getLogger(__name__)
 
@@ -140,16 +139,16 @@ class EventFrames(Dataset):
         return frames, target
 
 
-def build_event_datasets(args, name, training=True):
+def build_event_datasets(cfg, name, training=True):
     """``(train, eval)`` for ``name`` (a key of EVENT_DATASETS); ``train`` is None when ``training`` is False."""
     info = EVENT_DATASETS[name]
-    frames_number = _frames_number(args)
-    root = Path(args.data_dir).expanduser()
+    frames_number = _frames_number(cfg)
+    root = Path(cfg.data_dir).expanduser()
     with _main_process_first():
         bases = _frame_datasets(root, info, frames_number)
     classes = next(iter(bases.values())).classes
-    if args.num_classes is not None and len(classes) > args.num_classes:
-        raise DatasetError(f'{root} holds {len(classes)} classes but the model has {args.num_classes} outputs: '
+    if cfg.num_classes is not None and len(classes) > cfg.num_classes:
+        raise DatasetError(f'{root} holds {len(classes)} classes but the model has {cfg.num_classes} outputs: '
                            'set num_classes (--num-classes)')
     if info.splits:
         train_base, train_indices = bases['train'], range(len(bases['train']))
@@ -158,7 +157,7 @@ def build_event_datasets(args, name, training=True):
         train_base = test_base = bases['all']
         train_indices, test_indices = per_class_split(train_base.targets)
     files = FrameFiles(info.title, root / 'events_np', _frames_folder(root, frames_number))
-    train = EventFrames(train_base, train_indices, files, EventAugment(hflip=args.hflip)) if training else None
+    train = EventFrames(train_base, train_indices, files, EventAugment(hflip=cfg.hflip)) if training else None
     evaluation = EventFrames(test_base, test_indices, files)
     total = sum(len(base) for base in bases.values())
     _logger.info('%s: %d frames per sample from %s; %d training and %d test samples, %d classes', info.title,
@@ -170,13 +169,13 @@ def build_event_datasets(args, name, training=True):
     return train, evaluation
 
 
-def _frames_number(args):
-    frames = args.time_step
+def _frames_number(cfg):
+    frames = cfg.time_step
     if frames is None or frames < 1:
         raise ConfigError('set the number of frames per sample T: time_step in the YAML file or --T')
-    if args.img_size not in (None, SENSOR_SIZE):
+    if cfg.img_size not in (None, SENSOR_SIZE):
         raise ConfigError(f'img_size must be {SENSOR_SIZE} for event data (spikingjelly integrates the events on '
-                          f'the {SENSOR_SIZE}x{SENSOR_SIZE} sensor grid), got {args.img_size}')
+                          f'the {SENSOR_SIZE}x{SENSOR_SIZE} sensor grid), got {cfg.img_size}')
     return frames
 
 

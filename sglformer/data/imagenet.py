@@ -9,8 +9,7 @@ from pathlib import Path
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import default_loader
 
-from .cifar import DatasetError
-from .unreadable import UnreadableSampleError
+from .errors import DatasetError, UnreadableSampleError
 
 LAYOUT = ('expected {root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG, one folder per class with the same '
           'names in both (e.g. train/n01440764/n01440764_10026.JPEG, val/n01440764/ILSVRC2012_val_00000293.JPEG). '

@@ -1,28 +1,13 @@
-"""Samples whose file cannot be read: the error that names the file and the fix, and the bounded
-skipping of such samples in a training set (the ``max_unreadable_samples`` option)."""
+"""The bounded skipping of training samples whose file cannot be read (the ``max_unreadable_samples``
+option)."""
 import logging
 import multiprocessing
 
 from torch.utils.data import Dataset
 
-from .cifar import DatasetError
+from .errors import UnreadableSampleError
 
 _logger = logging.getLogger(__name__)
-
-
-class UnreadableSampleError(DatasetError):
-    """One sample's file cannot be read; the message names the file, its dataset and what to do.
-
-    An exception raised in a DataLoader worker reaches the main process as text: torch builds a new
-    one from 'Caught ... Original Traceback ... <type>: <message>'. Only the original message is kept,
-    so that the run ends with the same one line whatever the number of workers."""
-
-    def __init__(self, message, path=None):
-        last_line = f'\n{type(self).__module__}.{type(self).__qualname__}: '
-        if message.startswith('Caught ') and last_line in message:
-            message = message.rpartition(last_line)[2].rstrip('\n')
-        super().__init__(message)
-        self.path = path
 
 
 class SkipUnreadable(Dataset):

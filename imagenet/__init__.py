@@ -1,0 +1,1 @@
+"""The imagenet folder, installed as a subpackage of sglformer.variants (see pyproject.toml)."""
