@@ -4,6 +4,7 @@ import logging
 
 import timm
 import torch
+from timm.layers import trunc_normal_
 
 from .checkpoint import CheckpointError, extract_state_dict, load_state_dict, read_checkpoint
 from .config import Config, ConfigError
@@ -35,6 +36,8 @@ def create_model(cfg):
     kwargs = {kw: getattr(cfg, opt) for opt, kw in MODEL_OPTIONS.items() if getattr(cfg, opt, None) is not None}
     if getattr(cfg, 'img_size', None) is not None:
         kwargs.update(img_size_h=cfg.img_size, img_size_w=cfg.img_size)
+    if getattr(cfg, 'per_image_neurons', False):  # an ImageNet option: the other models' neurons run per image
+        kwargs.update(per_image_neurons=True)
     if not timm.is_model(cfg.model):
         raise ConfigError(f"unknown model {cfg.model!r}; registered: {', '.join(load_variants())}")
     return timm.create_model(cfg.model, **kwargs)
@@ -77,13 +80,23 @@ def resolve_device(requested, dist):
 
 def load_weights(model, path, checkpoint=None, fine_tune=False):
     """Load the weights of ``path`` (or of ``checkpoint``, already read from it) into ``model``; returns the
-    checkpoint. With ``fine_tune`` a classifier of another shape is left out."""
+    checkpoint. ``fine_tune`` starts a new run from them: a classifier of another shape is left out, and on
+    ImageNet the authors' ``--finetune`` rule applies: keys that do not fit are left out with a warning, and
+    the classifier's weight is drawn afresh (normal, std 2e-5) whether or not it was loaded."""
     checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
-    dropped = load_state_dict(model, extract_state_dict(checkpoint, source=path), drop_mismatched_head=fine_tune,
-                              source=path)
+    state_dict = extract_state_dict(checkpoint, source=path)
+    authors = fine_tune and model.family == 'imagenet'
+    dropped = load_state_dict(model, state_dict, strict=not authors, drop_mismatched_head=fine_tune, source=path)
     if dropped:
         _logger.warning('%s: classifier weights of another shape left out (%s); the classifier starts from random '
                         'weights', path, ', '.join(dropped))
+    if authors:
+        own = model.state_dict()
+        missing, unexpected = [k for k in own if k not in state_dict], [k for k in state_dict if k not in own]
+        if missing or unexpected:
+            _logger.warning('%s: %d weights of the model not in the file (%s), %d of the file not in the model (%s)',
+                            path, len(missing), ', '.join(missing[:3]), len(unexpected), ', '.join(unexpected[:3]))
+        trunc_normal_(model.get_classifier().weight, std=2e-5)
     return checkpoint
 
 

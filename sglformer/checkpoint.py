@@ -78,11 +78,17 @@ def _strip_prefixes(key):
 
 
 def load_state_dict(model, state_dict, strict=True, drop_mismatched_head=False, source='checkpoint'):
-    """Load weights into ``model``; returns the checkpoint keys left out.
+    """Load weights into ``model``; returns the checkpoint keys left out. Weights that are not finite (NaN or
+    infinite, as a diverged run leaves them) are refused: a model would compute with them, or, where a
+    neuron turns NaN into silence, seem to work.
 
     ``drop_mismatched_head`` leaves out the classifier weights when their shape differs from the
     model's (fine-tuning on another class count); the model keeps its freshly initialised head.
     """
+    broken = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f'{source} holds weights that are not finite (NaN or infinity) in {_summary(broken, 3)}: '
+                              'it comes from a run that diverged; use an earlier checkpoint of that run')
     own = model.state_dict()
     dropped = []
     if drop_mismatched_head:
@@ -103,6 +109,11 @@ def load_state_dict(model, state_dict, strict=True, drop_mismatched_head=False, 
         head_prefix = _classifier_name(model) + '.'
         if mismatched and all(k.startswith(head_prefix) for k in mismatched) and not (missing or unexpected):
             hint += ', or drop the classifier head to fine-tune on another class count'
+        steps = 'full_size_conv.weight'  # the STB head's kernel spans the T time steps
+        if steps in own and steps in state_dict and own[steps].shape[-1] != state_dict[steps].shape[-1]:
+            raise CheckpointError(f'{source} was trained with T={state_dict[steps].shape[-1]} time steps and this model '
+                                  f'has T={own[steps].shape[-1]} (its STB head spans exactly T steps): pass '
+                                  f'-T {state_dict[steps].shape[-1]}')
         raise CheckpointError(f'{source} does not fit {type(model).__name__}:\n  ' + '\n  '.join(problems) + hint)
     model.load_state_dict(state_dict, strict=False)
     return dropped
@@ -158,7 +169,7 @@ class CheckpointLayout:
         """The best before the first epoch: the authors' DVS and ImageNet scripts start from 0."""
         return None if self.name == 'timm' else {'top1': 0.0, 'top5': 0.0, 'epoch': None}
 
-    def container(self, epoch, top1, best, model, optimizer, scheduler, scaler, args, saver=None):
+    def container(self, epoch, top1, best, model, optimizer, scheduler, scaler, args, saver=None, ema=None):
         weights = unwrap_model(model).state_dict()
         if self.name == 'timm':
             state = {'epoch': epoch, 'arch': getattr(args, 'model', type(model).__name__.lower()),
@@ -173,6 +184,8 @@ class CheckpointLayout:
                      'max_accuracy': best['top1'], 'max_accuracy_epoch': best['epoch']}
         if scaler is not None:
             state[self.scaler_key] = scaler.state_dict()
+        if ema is not None:
+            state[EMA_KEY] = unwrap_model(ema).state_dict()
         return state
 
     def recorded_best(self, checkpoint):
@@ -217,8 +230,8 @@ def checkpoint_layout(layout):
 
 def resume_state(checkpoint, layout, source='the checkpoint'):
     """What a run continues from: ``epoch`` (the checkpoint's), ``start_epoch``, ``best``
-    (``{'top1', 'top5', 'epoch'}`` or None) and the ``optimizer``, ``scheduler`` and ``scaler`` states
-    (None where the checkpoint has none)."""
+    (``{'top1', 'top5', 'epoch'}`` or None) and the ``optimizer``, ``scheduler``, ``scaler`` and weight
+    average (``ema``) states (None where the checkpoint has none)."""
     layout = checkpoint_layout(layout)
     missing = [key for key in ('epoch', 'optimizer', layout.weights_key) if key not in checkpoint]
     if missing:
@@ -228,7 +241,7 @@ def resume_state(checkpoint, layout, source='the checkpoint'):
     best = layout.recorded_best(checkpoint) or layout.initial_best
     return {'epoch': checkpoint['epoch'], 'start_epoch': checkpoint['epoch'] + 1, 'best': best,
             'optimizer': checkpoint['optimizer'], 'scheduler': checkpoint.get('lr_scheduler') or None,
-            'scaler': checkpoint.get(layout.scaler_key)}
+            'scaler': checkpoint.get(layout.scaler_key), 'ema': checkpoint.get(EMA_KEY)}
 
 
 def ranked(history, entry, keep):
@@ -238,3 +251,35 @@ def ranked(history, entry, keep):
         return history, []
     kept, evicted = (history, []) if len(history) < keep else (history[:keep - 1], history[keep - 1:])
     return sorted([*kept, entry], key=lambda item: item[1], reverse=True), evicted
+
+
+def optimizer_state(optimizer, model, state, source='the checkpoint'):
+    """The optimiser state ``state`` of a checkpoint of ``model`` in the form ``optimizer`` loads: as it is when
+    its parameter groups are the optimiser's, or mapped parameter by parameter from the grouping of the
+    authors' ImageNet script (their checkpoint-N.pth files)."""
+    sizes = [len(group['params']) for group in optimizer.param_groups]
+    saved = [len(group['params']) for group in state['param_groups']]
+    if saved == sizes:
+        return state
+    names = {id(p): name for name, p in model.named_parameters()}
+    ours = {names[id(p)]: index for index, p in enumerate(p for group in optimizer.param_groups for p in group['params'])}
+    theirs = _authors_imagenet_order(model)
+    if saved != [len(group) for group in theirs]:
+        raise CheckpointError(f'{source}: its optimiser state has parameter groups of {saved} parameters, and this '
+                              f'run groups them as {sizes}: is it a checkpoint of another model? Pass --no-resume-opt '
+                              'to continue from its weights with a new optimiser state')
+    order = [name for group in theirs for name in group]
+    mapped = {ours[name]: state['state'][index] for index, name in enumerate(order)
+              if index in state['state'] and name in ours}
+    return dict(optimizer.state_dict(), state=dict(sorted(mapped.items())))
+
+
+def _authors_imagenet_order(model):
+    """The parameter names of ``model`` in the groups of the authors' ImageNet optimiser. Their layer-decay
+    rule puts every parameter of these models in one layer, so there are two groups, made in the order of
+    first appearance: with weight decay (more than one dimension) and without; the unused LayerNorms are in
+    (never updated, so without state)."""
+    groups = {}
+    for name, parameter in model.named_parameters():
+        groups.setdefault(parameter.ndim > 1, []).append(name)
+    return list(groups.values())

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from timm.utils import dispatch_clip_grad
 from tqdm import tqdm
 
 from .distributed import DistInfo, all_reduce_sum
@@ -30,8 +31,8 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class Trainer:
-    """What training updates (the model and its DDP wrapper, optimiser, schedule, gradient scaler), the
-    loss it minimises, and the processes it runs on."""
+    """What training updates (the model and its DDP wrapper, optimiser, schedule, gradient scaler, the
+    weights' moving average where kept), the loss it minimises, and the processes it runs on."""
     model: nn.Module
     ddp_model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -39,6 +40,7 @@ class Trainer:
     scaler: torch.amp.GradScaler
     loss_fn: nn.Module
     dist: DistInfo = DistInfo()
+    ema: nn.Module = None  # timm's ModelEmaV2
 
 
 def autocast(device, enabled):
@@ -71,7 +73,7 @@ def _format_seconds(seconds):
 
 def train_one_epoch(trainer, batches, epoch, cfg):
     """Train for one epoch of ``batches`` with the options of ``cfg`` (``amp``, ``accum_iter``, ``clip_grad``,
-    ``log_interval``, ``device``, ``seed``); returns ``{'loss', 'lr', 'img_per_s', 'grad_norm'}`` of this
+    ``clip_mode``, ``log_interval``, ``seed``); returns ``{'loss', 'lr', 'img_per_s', 'grad_norm'}`` of this
     process, the gradient norm (after unscaling, before clipping) of the epoch's last optimiser step."""
     model, optimizer, dist = trainer.ddp_model, trainer.optimizer, trainer.dist
     seed = epoch_seed(cfg.seed, epoch, dist.rank)
@@ -95,7 +97,7 @@ def train_one_epoch(trainer, batches, epoch, cfg):
                 raise NonFiniteLossError(f'the training loss is {loss_value} at epoch {epoch}, step {step}')
             trainer.scaler.scale(loss / cfg.accum_iter).backward()
         if updates:
-            norm = _optimizer_step(trainer, cfg.clip_grad, measure=step + 1 == steps)
+            norm = _optimizer_step(trainer, cfg, measure=step + 1 == steps)
             grad_norm = grad_norm if norm is None else norm
         loss_sum += loss_value * images.shape[0]
         seen += images.shape[0]
@@ -111,17 +113,23 @@ def train_one_epoch(trainer, batches, epoch, cfg):
             'img_per_s': seen * dist.world_size / (time.perf_counter() - start), 'grad_norm': grad_norm}
 
 
-def _optimizer_step(trainer, clip_grad, measure):
-    """Unscale, clip, step and clear; returns the gradient norm where clipping or ``measure`` needs it (a
-    device synchronisation on CUDA), else None."""
+def _optimizer_step(trainer, cfg, measure):
+    """Unscale, clip (timm's modes), step, update the moving average and clear; returns the gradient norm
+    before clipping where clipping by norm or ``measure`` needs it (a device synchronisation on CUDA), else None."""
     optimizer, scaler = trainer.optimizer, trainer.scaler
     scaler.unscale_(optimizer)
     norm = None
-    if clip_grad or measure:
+    by_norm = cfg.clip_grad and cfg.clip_mode == 'norm'
+    if by_norm or measure:
         parameters = [p for p in trainer.model.parameters() if p.grad is not None]
-        norm = nn.utils.clip_grad_norm_(parameters, clip_grad or float('inf')).item()
+        norm = nn.utils.clip_grad_norm_(parameters, cfg.clip_grad if by_norm else float('inf')).item()
+    if cfg.clip_grad and not by_norm:
+        parameters = list(trainer.model.parameters())
+        dispatch_clip_grad(parameters[:-2] if cfg.clip_mode == 'agc' else parameters, cfg.clip_grad, cfg.clip_mode)
     scaler.step(optimizer)
     scaler.update()
+    if trainer.ema is not None:
+        trainer.ema.update(trainer.model)
     optimizer.zero_grad(set_to_none=True)
     return norm
 

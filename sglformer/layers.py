@@ -257,7 +257,10 @@ def run_token_unit(owner, prefix, x, merged_time_steps=False):
 
 class TokenSelfAttention(nn.Module):
     """Spiking self-attention on tokens ``[T, B, C, N]`` (the ImageNet ``attn``), with flat names
-    ``q_*``, ``k_*``, ``v_*``, ``attn_lif`` and ``proj_*``."""
+    ``q_*``, ``k_*``, ``v_*``, ``attn_lif`` and ``proj_*``. Its ``proj_lif`` runs over T*B steps, as the
+    authors', unless ``per_image_neurons``."""
+
+    per_image_neurons = False
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -274,7 +277,7 @@ class TokenSelfAttention(nn.Module):
     def forward(self, x):
         q, k, v = (run_token_unit(self, name, x) for name in ('q', 'k', 'v'))
         y = self.attn_lif(self.attention(q, k, v))
-        return run_token_unit(self, 'proj', y, merged_time_steps=True)
+        return run_token_unit(self, 'proj', y, merged_time_steps=not self.per_image_neurons)
 
 
 class TokenMLP(nn.Module):
@@ -312,10 +315,12 @@ class PatchEmbed(nn.Module):
     flat names ``proj_*``, ``proj1_*`` .. ``proj4_*``, with MaxPool2d(3, 2, 1) between BN and LIF of
     the stages listed in ``pooled_stages`` (module names ``maxpool``, ``maxpool1``, ...).
 
-    ``merged_first_lif`` reproduces ``sglformer_ima2``: its stage-0 neuron runs over T*B steps.
+    ``merged_first_lif`` reproduces ``sglformer_ima2``: its stage-0 neuron runs over T*B steps, unless
+    ``per_image_neurons``.
     """
 
     PREFIXES = ('proj', 'proj1', 'proj2', 'proj3', 'proj4')
+    per_image_neurons = False
 
     def __init__(self, in_channels, embed_dim, pooled_stages, merged_first_lif=False):
         super().__init__()
@@ -340,5 +345,5 @@ class PatchEmbed(nn.Module):
             pool = getattr(self, self._pool_name(stage)) if stage in self.pooled_stages else None
             x = norm_pool_fire(getattr(self, f'{prefix}_bn'), pool, getattr(self, f'{prefix}_lif'),
                                getattr(self, f'{prefix}_conv')(merge_time(x)), steps,
-                               stage == 0 and self.merged_first_lif)
+                               stage == 0 and self.merged_first_lif and not self.per_image_neurons)
         return x

@@ -12,7 +12,7 @@ from timm.layers import trunc_normal_
 from timm.models import register_model
 from torch import nn
 
-from .layers import GlobalBlock, ImageNetLocalStage, PatchEmbed, SpikingTransformer, conv3x3
+from .layers import GlobalBlock, ImageNetLocalStage, PatchEmbed, SpikingTransformer, TokenSelfAttention, conv3x3
 from .fused import compact_spike_saving
 from .neuron import (apply_neuron_backend, check_neuron_request, choose_neuron, neuron_implementation, reset_neurons,
                      use_neuron_implementation)
@@ -131,9 +131,10 @@ class SGLFormer(SpikingModel):
     (H/4 x W/4 tokens) and 2 for DVS (H/16 x W/16).
     """
 
-    def __init__(self, img_size_h=32, img_size_w=32, in_channels=3, num_classes=10, embed_dims=384,
-                 num_heads=16, mlp_ratios=4, depths=1, T=4, tokenizer_stride=1, frame_input=False,
-                 neuron_backend='auto', neuron='spikingjelly'):
+    def __init__(self, img_size_h: int = 32, img_size_w: int = 32, in_channels: int = 3, num_classes: int = 10,
+                 embed_dims: int = 384, num_heads: int = 16, mlp_ratios: float = 4, depths: int = 1, T: int = 4,
+                 tokenizer_stride: int = 1, frame_input: bool = False, neuron_backend: str = 'auto',
+                 neuron: str = 'spikingjelly'):
         super().__init__(num_classes, embed_dims, in_channels, (img_size_h, img_size_w), neuron_backend)
         dim = embed_dims
         self.T = T
@@ -175,9 +176,10 @@ class SGLFormerImageNet(SpikingModel):
     POOLED_STAGES = {'ima': (0, 1, 2, 3), 'ima2': (1, 2, 3, 4)}
     family = 'imagenet'
 
-    def __init__(self, arch='ima', img_size_h=224, img_size_w=224, in_channels=3, num_classes=1000,
-                 embed_dims=512, num_heads=8, mlp_ratios=4, depths=8, T=4, neuron_backend='auto',
-                 neuron='spikingjelly'):
+    def __init__(self, arch: str = 'ima', img_size_h: int = 224, img_size_w: int = 224, in_channels: int = 3,
+                 num_classes: int = 1000, embed_dims: int = 512, num_heads: int = 8, mlp_ratios: float = 4,
+                 depths: int = 8, T: int = 4, neuron_backend: str = 'auto', neuron: str = 'spikingjelly',
+                 per_image_neurons: bool = False):
         super().__init__(num_classes, embed_dims, in_channels, (img_size_h, img_size_w), neuron_backend)
         if arch not in self.POOLED_STAGES:
             raise ValueError(f"arch must be one of {', '.join(self.POOLED_STAGES)}, got {arch!r}")
@@ -190,6 +192,15 @@ class SGLFormerImageNet(SpikingModel):
         self.head = self._new_head()
         self.apply(_init_weights)
         self.set_neuron(neuron)
+        self.set_per_image_neurons(per_image_neurons)
+
+    def set_per_image_neurons(self, per_image: bool) -> None:
+        """Run every neuron per image (True), or, as the authors' models and their checkpoints, the two that
+        run over T*B steps so that an image's output depends on the images before it in the batch (False)."""
+        self.per_image_neurons = per_image
+        for module in self.modules():
+            if isinstance(module, (TokenSelfAttention, PatchEmbed)):
+                module.per_image_neurons = per_image
 
     def forward_features(self, x):
         x = self.patch_embed(x.unsqueeze(0).repeat(self.T, 1, 1, 1, 1))

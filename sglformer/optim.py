@@ -60,9 +60,13 @@ class Schedule:
             self.num_epochs = cfg.epochs
             self.lr_at = HalfCosine(optimizer, cfg.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
         else:
+            noise = cfg.lr_noise and (cfg.lr_noise[0] if len(cfg.lr_noise) == 1 else list(cfg.lr_noise))
             self.scheduler, self.num_epochs = create_scheduler_v2(
                 optimizer, sched=cfg.sched, num_epochs=cfg.epochs, cooldown_epochs=cfg.cooldown_epochs,
-                min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs)
+                min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+                decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate, noise=noise, noise_pct=cfg.lr_noise_pct,
+                noise_std=cfg.lr_noise_std, noise_seed=cfg.seed, cycle_mul=cfg.lr_cycle_mul,
+                cycle_limit=cfg.lr_cycle_limit)
 
     def start_epoch(self, epoch):
         if self.lr_at is not None:

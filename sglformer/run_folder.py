@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from .checkpoint import checkpoint_layout, ranked, read_checkpoint, resume_state, save_checkpoint
+from .config import COMMAND_LINE
 from .files import append_durably, check_unlocked, link_atomically, lock_folder, unlock_folder, write_atomically, writing
 
 _logger = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class RunFolder:
             self.writer.flush()
         self._logged_epoch = row['epoch']
 
-    def save(self, epoch, top1, top5, *, model, optimizer, scheduler=None, scaler=None):
+    def save(self, epoch, top1, top5, *, model, optimizer, scheduler=None, scaler=None, ema=None):
         """Write the epoch's checkpoints: the latest, then the best, numbered and final copies it earns,
         then remove the numbered ones it displaces. Returns True where the epoch is a new best."""
         if self._logged_epoch != epoch:
@@ -154,7 +155,7 @@ class RunFolder:
             saver = {'checkpoint_files': list(self.history), 'best_epoch': self.best and self.best['epoch'],
                      'best_metric': self.best and self.best['top1'], 'pending': (epoch, top1)}
             history, evicted = ranked(self.history, (layout.numbered.format(epoch=epoch), top1), self.keep)
-        state = layout.container(epoch, top1, best, model, optimizer, scheduler, scaler, self.args, saver)
+        state = layout.container(epoch, top1, best, model, optimizer, scheduler, scaler, self.args, saver, ema)
         with self.writing(self.last, needed=_tensor_bytes(state)):
             save_checkpoint(state, self.last)
         self.best, self.history = best, history
@@ -313,14 +314,15 @@ class RunFolder:
 
 
 def run_folder_path(cfg):
-    """``--experiment`` under ``--output``; a resumed run's own folder; else ``run_name`` filled in with
-    the options (``{model}_b{batch_size}``) and the start time (``{date}``)."""
+    """``--experiment`` under ``--output``; a resumed run's own folder, unless ``--output`` is the run folder
+    (``run_name`` empty, as on ImageNet) and given; else ``run_name`` filled in with the options
+    (``{model}_b{batch_size}``) and the start time (``{date}``)."""
     if cfg.experiment is not None:
         if cfg.experiment in ('', '.', '..') or '/' in cfg.experiment:
             raise RunFolderError(f'--experiment {cfg.experiment!r} must be the name of one folder: it names the run '
                                  f'folder inside --output ({cfg.output}); to write the run elsewhere, pass --output DIR')
         path = Path(cfg.output) / cfg.experiment
-    elif cfg.resume and not cfg.eval:
+    elif cfg.resume and not cfg.eval and not (cfg.run_name == '' and cfg.source('output') == COMMAND_LINE):
         path = Path(cfg.resume).resolve().parent
     else:
         template = ('eval-' if cfg.eval and cfg.run_name else '') + cfg.run_name

@@ -7,21 +7,24 @@ docs/training.md describes the run folder and its guarantees.
 """
 import json
 import logging
+import shlex
+import signal
 import sys
 
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV2, distribute_bn
 from torch import nn
 
 from . import engine
 from .build import EXPECTED_ERRORS, build_model, load_weights, resolve_device
-from .checkpoint import read_checkpoint, resume_state
-from .config import RUNS, check, parse_args
+from .checkpoint import optimizer_state, resume_state
+from .config import COMMAND_LINE, RUNS, ConfigError, check, parse_args
 from .data import build_datasets, build_eval_batches, build_train_batches, dataset_family
 from .distributed import barrier, default_device, init_distributed, shutdown, stall_watch
-from .files import write_atomically
+from .files import write_atomically, writing
 from .logs import setup_logging
-from .neuron import choose_neuron
+from .neuron import SPIKINGJELLY_VERSION, choose_neuron
 from .optim import Schedule, absolute_lr, build_optimizer
 from .run_folder import RunFolder, run_folder_path
 
@@ -35,13 +38,51 @@ def main(argv=None, default_config=None, description=None, defaults=None):
     written for the authors' scripts, which names no model, still trains the folder's variant.
     """
     setup_logging()
+    previous = signal.signal(signal.SIGTERM, _stop)  # what schedulers send: end as Ctrl-C does, lock released
     try:
         return run(parse_args(argv, default_config, description, defaults, commands=RUNS))
     except EXPECTED_ERRORS as exc:
         logging.getLogger('sglformer').error('error: %s', exc)
         sys.exit(2)
+    except KeyboardInterrupt as exc:
+        logging.getLogger('sglformer').error('%s', _where_stopped(exc, argv))
+        sys.exit(128 + getattr(exc, 'signal', signal.SIGINT))
     finally:
+        signal.signal(signal.SIGTERM, previous)
         shutdown()
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal asked the run to end."""
+
+
+def _stop(number, frame):
+    stopped = Stopped()
+    stopped.signal = number
+    raise stopped
+
+
+def _where_stopped(exc, argv):
+    """One line: where the run stopped, and the command that continues it."""
+    what = 'stopped by SIGTERM' if isinstance(exc, Stopped) else 'interrupted'
+    epoch, last = getattr(exc, 'epoch', None), getattr(exc, 'last', None)
+    where = f'{what} during epoch {epoch}' if epoch is not None else f'{what} before training began'
+    if last is None or not last.exists():
+        return f'{where}; no checkpoint was written: run the same command again to start afresh'
+    flags = _without_weights(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(['python', sys.argv[0], *flags, '--resume', str(last)])
+    return f'{where}; {last} holds the epochs before it. Continue with: {command}'
+
+
+def _without_weights(flags):
+    """``flags`` without the options that name weights to load."""
+    names, kept, skip = ('--resume', '--initial-checkpoint', '--initial_checkpoint', '--finetune'), [], False
+    for flag in flags:
+        if skip or flag.split('=')[0] in names:
+            skip = not skip and '=' not in flag
+            continue
+        kept.append(flag)
+    return kept
 
 
 def run(cfg):
@@ -50,8 +91,11 @@ def run(cfg):
     dist = init_distributed(torch.device(cfg.device or default_device()).type, cfg.dist_timeout)
     setup_logging(dist.is_main)
     cfg = resolve(cfg, dist)
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
     engine.seed_everything(cfg.seed)  # the model's initial weights
     model = build_model(cfg)
+    cfg = cfg.replace(time_step=model.T)
     with stall_watch(dist, cfg.dist_timeout):
         if cfg.eval:
             return evaluate_checkpoint(cfg, model, dist)
@@ -61,15 +105,25 @@ def run(cfg):
 def resolve(cfg, dist):
     """The configuration of this process with every derived value filled in, once: the device, the
     neurons that run on it, whether AMP applies, the learning rate from ``blr``, the evaluation batch
-    size. This is what args.yaml and the checkpoints record."""
+    size, and what makes its numbers differ in their last bits elsewhere (threads, library versions).
+    This is what args.yaml and the checkpoints record.
+
+    float16 autocast applies on CUDA as the options say; on the CPU, where it is slow, only when asked for
+    on the command line (``--amp``, ``--eval-amp``)."""
     device = resolve_device(cfg.device, dist)
-    if cfg.amp and device.type != 'cuda':
-        _logger.info('--amp applies to CUDA only; running in float32 on %s', device.type)
-    choice = choose_neuron(cfg.neuron, cfg.neuron_backend, device)
+    cuda = device.type == 'cuda'
+    amp = cfg.amp and (cuda or cfg.source('amp') == COMMAND_LINE)
     eval_amp = cfg.amp if cfg.eval_amp is None else cfg.eval_amp
-    derived = dict(device=str(device), neuron=choice.implementation, neuron_backend=choice.backend,
-                   amp=cfg.amp and device.type == 'cuda', eval_amp=eval_amp and device.type == 'cuda',
-                   val_batch_size=cfg.val_batch_size or cfg.batch_size)
+    if not (cuda or cfg.source('eval_amp') == COMMAND_LINE):
+        eval_amp = eval_amp and amp
+    if cfg.amp and not amp:
+        _logger.info('amp (%s) applies on CUDA; on the %s float16 autocast runs when --amp is on the command line',
+                     cfg.source('amp') or 'default', device.type)
+    choice = choose_neuron(cfg.neuron, cfg.neuron_backend, device)
+    derived = dict(device=str(device), neuron=choice.implementation, neuron_backend=choice.backend, amp=amp,
+                   eval_amp=eval_amp, val_batch_size=cfg.val_batch_size or cfg.batch_size, pin_mem=cfg.pin_mem and cuda,
+                   threads=torch.get_num_threads(), torch_version=str(torch.__version__),
+                   spikingjelly_version=SPIKINGJELLY_VERSION)
     if not cfg.eval and cfg.lr is None:
         images = cfg.batch_size * cfg.accum_iter * dist.world_size
         derived['lr'] = absolute_lr(cfg.blr, images)
@@ -101,22 +155,32 @@ def build_trainer(cfg, model, dist, mixes):
     else:
         loss_fn = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing) if cfg.smoothing else nn.CrossEntropyLoss()
     scaler = torch.amp.GradScaler(torch.device(cfg.device).type, enabled=cfg.amp)
-    return engine.Trainer(model, ddp_model, optimizer, Schedule(cfg, optimizer), scaler, loss_fn, dist)
+    ema = ModelEmaV2(model, cfg.model_ema_decay, 'cpu' if cfg.model_ema_force_cpu else None) if cfg.model_ema else None
+    return engine.Trainer(model, ddp_model, optimizer, Schedule(cfg, optimizer), scaler, loss_fn, dist, ema)
 
 
 def restore(trainer, checkpoint, cfg):
-    """The first epoch to train, after restoring the optimiser, scaler and scheduler of the checkpoint
-    being resumed (if there is one)."""
+    """The first epoch to train, after restoring the optimiser, scaler, scheduler and weight average of the
+    checkpoint being resumed (if there is one)."""
     if checkpoint is None:
         return cfg.start_epoch
     state = resume_state(checkpoint, cfg.checkpoint_format, source=cfg.resume)
-    trainer.optimizer.load_state_dict(state['optimizer'])
-    if trainer.scaler.is_enabled() and state['scaler'] is not None:
-        trainer.scaler.load_state_dict(state['scaler'])
+    done, cooldown = state['start_epoch'], trainer.schedule.num_epochs - cfg.epochs
+    if done >= trainer.schedule.num_epochs:
+        raise ConfigError(f'{cfg.resume} ends epoch {state["epoch"]}: the run has trained {done} epochs, and '
+                          f'--epochs {cfg.epochs}' + (f' (plus {cooldown} of cool-down)' if cooldown else '') +
+                          f' leaves none to train; pass --epochs {done - cooldown + 1} or more to train further')
+    if cfg.resume_opt:
+        trainer.optimizer.load_state_dict(optimizer_state(trainer.optimizer, trainer.model, state['optimizer'],
+                                                          cfg.resume))
+        if trainer.scaler.is_enabled() and state['scaler'] is not None:
+            trainer.scaler.load_state_dict(state['scaler'])
     if trainer.schedule.scheduler is not None and state['scheduler']:
         trainer.schedule.scheduler.load_state_dict(state['scheduler'])
-    _logger.info('resumed from %s: continuing at epoch %d', cfg.resume, state['start_epoch'])
-    return state['start_epoch']
+    if trainer.ema is not None and state['ema'] is not None:
+        trainer.ema.module.load_state_dict(state['ema'])
+    _logger.info('resumed from %s: continuing at epoch %d', cfg.resume, done)
+    return done
 
 
 def train(cfg, model, dist):
@@ -142,34 +206,52 @@ def train(cfg, model, dist):
 def fit(cfg, trainer, train_batches, eval_batches, folder, start_epoch):
     """Train and evaluate every epoch from ``start_epoch``; the main process (the one with the run
     ``folder``) logs and saves. Returns the best epoch's ``{'top1', 'top5', 'epoch'}`` on the main process."""
-    device = torch.device(cfg.device)
     for epoch in range(start_epoch, trainer.schedule.num_epochs):
-        trainer.schedule.start_epoch(epoch)
         try:
-            train_metrics = engine.train_one_epoch(trainer, train_batches, epoch, cfg)
-        except engine.NonFiniteLossError as exc:
-            kept = (f'the last good checkpoint is {folder.last}' if folder is not None and folder.last.exists()
-                    else 'no checkpoint had been written yet')
-            raise engine.NonFiniteLossError(f'{exc}; training stopped, {kept}. Try a lower --lr or --no-amp') from None
-        if trainer.dist.enabled:  # every process evaluates the model that rank 0 saves, with its BatchNorm statistics
-            for buffer in trainer.model.buffers():
-                torch.distributed.broadcast(buffer, src=0)
-        metrics = engine.evaluate(trainer.model, eval_batches, device, cfg.eval_amp, trainer.dist.is_main)
+            metrics, train_metrics = _epoch(cfg, trainer, train_batches, eval_batches, epoch, folder)
+        except KeyboardInterrupt as exc:
+            exc.epoch, exc.last = epoch, folder and folder.last  # for the one line that main prints
+            raise
         if folder is not None:
             record_epoch(trainer, folder, epoch, train_metrics, metrics)
         barrier()
     return folder.best if folder is not None else None
 
 
+def _epoch(cfg, trainer, train_batches, eval_batches, epoch, folder):
+    """Train one epoch and evaluate; returns the metrics that rank the epoch (those of the weights' moving
+    average where one is evaluated, as timm's script does) and the training metrics."""
+    device = torch.device(cfg.device)
+    trainer.schedule.start_epoch(epoch)
+    try:
+        train_metrics = engine.train_one_epoch(trainer, train_batches, epoch, cfg)
+    except engine.NonFiniteLossError as exc:
+        kept = (f'the last good checkpoint is {folder.last}' if folder is not None and folder.last.exists()
+                else 'no checkpoint had been written yet')
+        raise engine.NonFiniteLossError(f'{exc}; training stopped, {kept}. Try a lower --lr or --no-amp') from None
+    evaluated = [trainer.model] + ([trainer.ema.module] if trainer.ema and not cfg.model_ema_force_cpu else [])
+    metrics = None
+    for model in evaluated:
+        if trainer.dist.enabled:  # every process evaluates the model that rank 0 saves (broadcast), or the mean
+            distribute_bn(model, trainer.dist.world_size, reduce=cfg.dist_bn == 'reduce')
+        metrics = dict(engine.evaluate(model, eval_batches, device, cfg.eval_amp, trainer.dist.is_main),
+                       model=metrics)
+    return metrics, train_metrics
+
+
 def record_epoch(trainer, folder, epoch, train_metrics, metrics):
     row = dict(epoch=epoch, train_loss=train_metrics['loss'], eval_loss=metrics['loss'], eval_top1=metrics['top1'],
                eval_top5=metrics['top5'], lr=train_metrics['lr'], img_per_s=train_metrics['img_per_s'])
-    folder.log_epoch(row, {'grad_norm': train_metrics['grad_norm'],
-                           'n_parameters': sum(p.numel() for p in trainer.model.parameters())})
+    extra = {'grad_norm': train_metrics['grad_norm'], 'n_parameters': sum(p.numel() for p in trainer.model.parameters())}
+    if metrics['model'] is not None:  # the ranked metrics are the average's; the model's own beside them
+        extra.update(model_eval_top1=metrics['model']['top1'], model_eval_top5=metrics['model']['top5'])
+    folder.log_epoch(row, extra)
     folder.save(epoch, metrics['top1'], metrics['top5'], model=trainer.model, optimizer=trainer.optimizer,
-                scheduler=trainer.schedule.scheduler, scaler=trainer.scaler if trainer.scaler.is_enabled() else None)
-    _logger.info('epoch %d: train loss %.4f, eval loss %.4f, top-1 %.2f (best %.2f), top-5 %.2f', epoch,
-                 row['train_loss'], row['eval_loss'], row['eval_top1'], folder.best['top1'], row['eval_top5'])
+                scheduler=trainer.schedule.scheduler, scaler=trainer.scaler if trainer.scaler.is_enabled() else None,
+                ema=trainer.ema)
+    _logger.info('epoch %d: train loss %.4f, eval loss %.4f, top-1 %.2f (best %.2f), top-5 %.2f%s', epoch,
+                 row['train_loss'], row['eval_loss'], row['eval_top1'], folder.best['top1'], row['eval_top5'],
+                 ' (weight average)' if metrics['model'] is not None else '')
 
 
 def accuracy_line(metrics):
@@ -177,17 +259,34 @@ def accuracy_line(metrics):
 
 
 def evaluate_checkpoint(cfg, model, dist):
+    """``--eval``: the accuracy of a checkpoint's weights, printed and written to eval.json; with
+    ``--compare-per-image-neurons`` also with the other neuron mode of the ImageNet models."""
     path = cfg.resume or cfg.initial_checkpoint
-    load_weights(model, path)
+    trained = getattr(load_weights(model, path).get('args'), 'time_step', None)
+    if trained is not None and trained != cfg.time_step:  # the ImageNet models have no weights that depend on T
+        _logger.warning('%s was trained with T=%d; evaluating it with T=%d', path, trained, cfg.time_step)
     _, eval_set = build_datasets(cfg, training=False)
     batches = build_eval_batches(cfg, eval_set, dist, torch.device(cfg.device), cfg.val_batch_size)
-    metrics = engine.evaluate(model, batches, torch.device(cfg.device), cfg.eval_amp, dist.is_main)
+    modes = [cfg.per_image_neurons] + ([not cfg.per_image_neurons] if cfg.compare_per_image_neurons else [])
+    results = {}
+    for per_image in reversed(modes):  # the run's own mode last, so that its line is the last one printed
+        if model.family == 'imagenet':
+            model.set_per_image_neurons(per_image)
+        results[per_image] = engine.evaluate(model, batches, torch.device(cfg.device), cfg.eval_amp, dist.is_main)
+        if dist.is_main:
+            label = (' (neurons per image)' if per_image else " (the authors' neurons)") if len(modes) > 1 else ''
+            print(accuracy_line(results[per_image]) + label, flush=True)
+    metrics = results[cfg.per_image_neurons]
     if dist.is_main:
+        record = dict(metrics, checkpoint=str(path), model=cfg.model, T=cfg.time_step,
+                      per_image_neurons=cfg.per_image_neurons)
+        if len(modes) > 1:
+            record['other_neurons'] = results[not cfg.per_image_neurons]
         result = _unused_path(run_folder_path(cfg) / 'eval.json')
-        text = json.dumps(dict(metrics, checkpoint=str(path), model=cfg.model), indent=2) + '\n'
-        write_atomically(result, lambda f: f.write(text.encode()))
+        text = (json.dumps(record, indent=2) + '\n').encode()
+        with writing(result, len(text)):
+            write_atomically(result, lambda f: f.write(text))
         _logger.info('%d samples evaluated; results in %s', metrics['images'], result)
-        print(accuracy_line(metrics), flush=True)
     return metrics
 
 

@@ -63,24 +63,55 @@ def _seed():
     torch.manual_seed(0)
 
 
+class SimulatedCrash(BaseException):
+    """A process that dies where it stands (as with kill -9): not an error the run could report."""
+
+
 @contextlib.contextmanager
 def crash_at_epoch(epoch):
-    """Within the block, training dies (KeyboardInterrupt) when it reaches ``epoch``, after the
-    checkpoints of the epochs before it were written: a simulated crash."""
+    """Within the block, training dies when it reaches ``epoch``, after the checkpoints of the epochs
+    before it were written: a simulated crash."""
     from sglformer import engine
     real = engine.train_one_epoch
 
-    def crashing(*args, **kwargs):
-        if args[2] == epoch:
-            raise KeyboardInterrupt('simulated crash')
-        return real(*args, **kwargs)
+    def crashing(trainer, batches, at, cfg):
+        if at == epoch:
+            raise SimulatedCrash()
+        return real(trainer, batches, at, cfg)
 
     engine.train_one_epoch = crashing
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SimulatedCrash):
             yield
     finally:
         engine.train_one_epoch = real
+
+
+def assert_same(a, b, where='checkpoint'):
+    """Equal nested containers: the same keys in the same order, the same lengths, equal tensors."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for key in a:
+            assert_same(a[key], b[key], f'{where}[{key!r}]')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f'{where}[{index}]')
+    else:
+        assert a == b, where
+
+
+def assert_resumed_equals_straight(resumed, straight, weights='state_dict'):
+    """A resumed run's last checkpoint holds the epoch, weights, optimiser state (and weight average) of
+    the uninterrupted run's."""
+    assert resumed['epoch'] == straight['epoch']
+    assert straight['optimizer']['state'], 'the optimiser has taken no step'
+    for key in (weights, 'optimizer', 'state_dict_ema'):
+        assert (key in resumed) == (key in straight), key
+        if key in straight:
+            assert_same(resumed[key], straight[key], key)
 
 
 def train_script(folder, *flags):

@@ -88,12 +88,54 @@ def test_options_that_would_be_ignored_are_refused(folder, argv, words):
         checked(folder, *argv)
 
 
-def test_training_flags_are_refused_by_an_evaluation_but_the_recipe_yaml_is_not():
-    checked('cifar10', '--eval', '--resume', 'w.pth', command='eval')  # the YAML's lr, mixup ... are fine
-    with pytest.raises(ConfigError, match=r"'lr' does not apply here \(--lr on the command line\).*an evaluation"):
-        checked('cifar10', '--eval', '--resume', 'w.pth', '--lr', '1e-3', command='eval')
+def test_an_evaluation_warns_once_about_training_flags_as_the_authors_scripts_ignore_them(caplog):
+    with caplog.at_level(logging.WARNING, logger='sglformer'):
+        checked('cifar10', '--eval', '--resume', 'w.pth', '--lr', '1e-3', '--warmup-epochs', '3', command='eval')
+    assert [r.getMessage() for r in caplog.records] == [
+        "--lr, --warmup-epochs: training options, no effect on an evaluation (the authors' scripts accept them "
+        'likewise)']
     with pytest.raises(ConfigError, match='--eval needs weights'):
         checked('cifar10', '--eval', command='eval')
+    with pytest.raises(ConfigError, match=r"'lr' does not apply here \(--lr on the command line\).*energy report"):
+        check(parse_args(['--lr', '1e-3'], REPO_ROOT / 'cifar10' / 'cifar10.yml'), 'energy', 'cifar')
+
+
+@pytest.mark.parametrize('folder, flags, warned', [
+    ('cifar10', ['--acratio', '0.5', '--pretrained', '--drop', '0.1', '--bn-eps', '1e-5'], 4),
+    ('cifar100', ['--gp', 'avg', '--epoch-repeats', '2', '--jsd', '--drop-path', '0.1'], 4),
+    ('cifar10-dvs', ['--tb', '--connect_f', 'ADD', '--world-size', '2', '--dist-url', 'env://'], 4),
+    ('imagenet', ['--resplit', '--global_pool', '--cls_token', '--world_size', '8', '--dist_url', 'env://'], 5),
+])
+def test_the_authors_flags_that_change_nothing_are_accepted_with_a_warning(folder, flags, warned, caplog):
+    with caplog.at_level(logging.WARNING, logger='sglformer'):
+        checked(folder, *flags)
+    assert len(caplog.records) == warned and all('has no effect' in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize('folder, flags, words', [
+    ('cifar10', ['--resplit'], 'random erasing that spares half of each batch'),
+    ('cifar10', ['--aug-splits', '3'], 'augmentation splits (AugMix)'),
+    ('cifar10', ['--channels-last'], 'channels-last'),
+    ('cifar10', ['--tta', '2'], 'test-time augmentation'),
+    ('dvs128-gesture', ['--sync-bn'], 'synchronised BatchNorm'),
+    ('imagenet', ['--dist_on_itp'], 'torchrun'),
+    ('imagenet', ['--val-split', 'test'], "'val_split' does not apply here"),
+])
+def test_the_authors_flags_that_would_change_a_run_unsupported_here_are_refused(folder, flags, words):
+    with pytest.raises(ConfigError, match=words.replace('(', r'\(').replace(')', r'\)')):
+        checked(folder, *flags)
+
+
+def test_the_authors_flags_that_act_there_act_here():
+    cfg = checked('cifar10', '--model-ema', '--model-ema-decay', '0.99', '--clip-grad', '1', '--clip-mode', 'agc',
+                  '--no-aug', '--no-prefetcher', '--native-amp', '--lr-noise', '0.5', '0.9', '--lr-cycle-limit', '2',
+                  '--dr', '0.5', '--decay-epochs', '10', '--train-split', 'train', '--val-split', 'validation',
+                  '--no-resume-opt', '--eval-metric', 'top1', '--dist-bn', 'reduce')
+    assert (cfg.model_ema, cfg.model_ema_decay, cfg.clip_mode, cfg.augment, cfg.prefetcher, cfg.amp) == (
+        True, 0.99, 'agc', False, False, True)
+    assert (cfg.lr_noise, cfg.lr_cycle_limit, cfg.decay_rate, cfg.decay_epochs, cfg.resume_opt, cfg.dist_bn) == (
+        [0.5, 0.9], 2, 0.5, 10.0, False, 'reduce')
+    assert checked('imagenet', '--no_pin_mem').pin_mem is False and checked('imagenet').pin_mem is True
 
 
 @pytest.mark.parametrize('folder, argv, option', [

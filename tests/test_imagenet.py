@@ -2,6 +2,7 @@
 pieces: learning rate from blr, half-cycle cosine per iteration, layer-decay groups, accumulation."""
 import contextlib
 import json
+import logging
 import math
 import os
 import subprocess
@@ -17,10 +18,11 @@ from torch import nn
 from torch.amp import GradScaler
 from torchvision.transforms import ColorJitter
 
-from conftest import REPO_ROOT, crash_at_epoch, free_port, train_script
+from conftest import REPO_ROOT, assert_resumed_equals_straight, crash_at_epoch, free_port, train_script
 from sglformer import engine, optim
+from sglformer.build import load_weights
 from sglformer.checkpoint import read_checkpoint
-from sglformer.config import Config, parse_args
+from sglformer.config import Config, check, parse_args
 from sglformer.data import ShardSampler, image_transforms
 from sglformer.distributed import DistInfo
 from sglformer.testing import write_image_folder
@@ -196,11 +198,8 @@ def test_resume_equals_uninterrupted(tmp_path, data_path):
 
     straight = read_checkpoint(tmp_path / 'straight' / 'checkpoint-last.pth')
     resumed = read_checkpoint(tmp_path / 'stopped' / 'checkpoint-last.pth')
-    assert resumed['epoch'] == straight['epoch'] == 1
-    for key, value in straight['model'].items():
-        assert torch.equal(value, resumed['model'][key]), key
-    for a, b in zip(straight['optimizer']['state'].values(), resumed['optimizer']['state'].values()):
-        assert torch.equal(a['exp_avg'], b['exp_avg']) and torch.equal(a['exp_avg_sq'], b['exp_avg_sq'])
+    assert resumed['epoch'] == 1
+    assert_resumed_equals_straight(resumed, straight, weights='model')
     assert [line['epoch'] for line in log_lines(tmp_path / 'stopped')] == [0, 1]
 
 
@@ -301,3 +300,83 @@ def test_torchrun_two_processes(tmp_path, data_path):
     single = train('--data_path', str(data_path), *MODEL, '--eval', '--val_batch_size', '8', '--resume',
                    str(tmp_path / 'ddp' / 'checkpoint-last.pth'), '--output_dir', str(tmp_path / 'ev'))
     assert single['top1'] == lines[0]['test_acc1'] and single['loss'] == pytest.approx(lines[0]['test_loss'], rel=1e-9)
+
+
+def as_the_authors_checkpoint(ours, model, cfg):
+    """Our checkpoint-last.pth as the authors' script writes checkpoint-N.pth: their keys, and the AdamW state
+    over their parameter groups, restated here: every parameter in the last layer, so two groups in the order
+    of first appearance, with weight decay (more than one dimension) and without, the unused LayerNorms in."""
+    optimizer = optim.build_optimizer(cfg, model)  # our grouping, to name our state's indices
+    names = {id(p): n for n, p in model.named_parameters()}
+    our_order = [names[id(p)] for group in optimizer.param_groups for p in group['params']]
+    decay = [n for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [n for n, p in model.named_parameters() if p.ndim == 1]
+    state = {their: ours['optimizer']['state'][our_order.index(name)]
+             for their, name in enumerate(decay + no_decay) if name in our_order}
+    groups = [dict(ours['optimizer']['param_groups'][1], weight_decay=cfg.weight_decay, lr_scale=1.0,
+                   params=list(range(len(decay)))),
+              dict(ours['optimizer']['param_groups'][0], weight_decay=0.0, lr_scale=1.0,
+                   params=list(range(len(decay), len(decay) + len(no_decay))))]
+    return {'model': ours['model'], 'optimizer': {'state': state, 'param_groups': groups}, 'epoch': ours['epoch'],
+            'scaler': {}, 'args': Namespace(model='sglformer_ima_8_384', batch_size=4)}
+
+
+def test_the_authors_training_checkpoint_resumes_exactly(tmp_path, data_path):
+    common = ['--data_path', str(data_path), *SMALL, '--epochs', '2']
+    train(*common, '--output_dir', str(tmp_path / 'straight'))
+    with crash_at_epoch(1):
+        train(*common, '--output_dir', str(tmp_path / 'stopped'))
+    model = timm.create_model('sglformer_ima_8_384', embed_dims=48, num_heads=4, depths=3, T=1, num_classes=4)
+    cfg = check(parse_args(common, REPO_ROOT / 'imagenet' / 'imagenet.yml'), 'train', 'imagenet').replace(lr=1e-3)
+    authors = as_the_authors_checkpoint(read_checkpoint(tmp_path / 'stopped' / 'checkpoint-last.pth'), model, cfg)
+    assert [len(g['params']) for g in authors['optimizer']['param_groups']] == [22, 50]  # ours: [46, 22]
+    (tmp_path / 'authors').mkdir()
+    torch.save(authors, tmp_path / 'authors' / 'checkpoint-0.pth')
+    train(*common, '--resume', str(tmp_path / 'authors' / 'checkpoint-0.pth'), '--output_dir', str(tmp_path / 'resumed'))
+    assert_resumed_equals_straight(read_checkpoint(tmp_path / 'resumed' / 'checkpoint-last.pth'),
+                                   read_checkpoint(tmp_path / 'straight' / 'checkpoint-last.pth'), weights='model')
+
+
+@pytest.mark.parametrize('name', ['sglformer_ima_8_384', 'sglformer_ima2_8_384'])
+def test_per_image_neurons_make_each_output_independent_of_the_batch(name):
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 32, 32) * 3
+    authors = timm.create_model(name, embed_dims=48, num_heads=4, depths=3, T=2, num_classes=4).eval()
+    for module in authors.modules():  # BatchNorm that lets every layer fire
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            module.weight.data.fill_(4.0)
+            module.bias.data.fill_(0.8)
+    per_image = timm.create_model(name, embed_dims=48, num_heads=4, depths=3, T=2, num_classes=4,
+                                  per_image_neurons=True).eval()
+    per_image.load_state_dict(authors.state_dict())
+    with torch.no_grad():
+        for model, independent in ((per_image, True), (authors, False)):
+            batch, alone = model(images), torch.cat([model(image[None]) for image in images])
+            assert torch.allclose(batch, alone, rtol=0, atol=1e-5) == independent, model.per_image_neurons
+        authors.set_per_image_neurons(True)
+        assert torch.equal(authors(images), per_image(images))
+
+
+def test_eval_compares_both_neuron_modes(tmp_path, data_path, trained_run, capsys):
+    train('--data_path', str(data_path), *MODEL, '--eval', '--compare-per-image-neurons', '--resume',
+          str(trained_run / 'run' / 'checkpoint-last.pth'), '--output_dir', str(tmp_path))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith('* Acc@1 ') and lines[-2].endswith(' (neurons per image)')
+    assert lines[-1].startswith('* Acc@1 ') and lines[-1].endswith(" (the authors' neurons)")
+    saved = json.loads((tmp_path / 'eval.json').read_text())
+    assert saved['per_image_neurons'] is False and saved['other_neurons']['images'] == saved['images']
+
+
+def test_finetune_follows_the_authors_rule(tmp_path, caplog):
+    """Non-strict, and the classifier's weight drawn afresh with std 2e-5 even where it was loaded."""
+    source = timm.create_model('sglformer_ima_8_384', embed_dims=48, num_heads=4, depths=3, T=1, num_classes=4)
+    weights = {k: v + 0.5 if v.is_floating_point() else v for k, v in source.state_dict().items()
+               if k != 'localblock.0.local1.conv.bn.running_var'}
+    torch.save({'model': weights, 'epoch': 199}, tmp_path / 'authors.pth')
+    model = timm.create_model('sglformer_ima_8_384', embed_dims=48, num_heads=4, depths=3, T=1, num_classes=4)
+    with caplog.at_level(logging.WARNING, logger='sglformer'):
+        load_weights(model, tmp_path / 'authors.pth', fine_tune=True)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights.items() if k != 'head.weight')
+    assert state['head.weight'].std() < 1e-4 and state['head.bias'].equal(weights['head.bias'])
+    assert '1 weights of the model not in the file (localblock.0.local1.conv.bn.running_var)' in caplog.text

@@ -4,7 +4,7 @@ Each kind of dataset is loaded the way the authors' script for it loads it:
 
 - CIFAR (timm's train.py with its prefetcher): transforms end in uint8 images; the collate step mixes
   them (timm's ``FastCollateMixup``, rounding to uint8); timm's ``PrefetchLoader`` normalises the batch
-  and applies random erasing to it on the device.
+  and applies random erasing to it on the device. Without the prefetcher (``--no-prefetcher``), as ImageNet.
 - ImageNet (the MAE fine-tuning script): timm's transforms normalise and erase each image; mixup, when
   on, mixes the batch on the device.
 - Event data (the DVS scripts): the frame augmentation of :mod:`sglformer.data.augment` per sample; mixup on
@@ -58,15 +58,15 @@ def _normalisation(cfg):
 
 
 def image_transforms(cfg, is_training):
-    """timm's train or eval transform from the run's options. On CIFAR it stops at uint8 images (the
-    prefetcher normalises and erases the batch), elsewhere it normalises and erases each image."""
+    """timm's train or eval transform from the run's options. With the prefetcher it stops at uint8 images (the
+    prefetcher normalises and erases the batch), without it normalises and erases each image."""
     mean, std = _normalisation(cfg)
-    prefetch = dataset_family(cfg.dataset) == 'cifar'
+    prefetch = _prefetches(cfg)
     if not is_training:
         return create_transform(cfg.img_size, is_training=False, interpolation=cfg.interpolation, mean=mean, std=std,
                                 crop_pct=cfg.crop_pct or IMAGENET_CROP_PCT, use_prefetcher=prefetch)
     transform = create_transform(
-        cfg.img_size, is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
+        cfg.img_size, is_training=True, no_aug=not cfg.augment, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
         vflip=cfg.vflip, color_jitter=cfg.color_jitter, auto_augment=cfg.aa, interpolation=cfg.train_interpolation,
         mean=mean, std=std, re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount, use_prefetcher=prefetch)
     for step in transform.transforms:
@@ -74,6 +74,11 @@ def image_transforms(cfg, is_training):
             if op.aug_fn is auto_augment.posterize:
                 op.aug_fn = posterize
     return transform
+
+
+def _prefetches(cfg):
+    """Whether the batches go through timm's prefetcher, as in the authors' CIFAR runs."""
+    return dataset_family(cfg.dataset) == 'cifar' and cfg.prefetcher
 
 
 def build_datasets(cfg, training=True):
@@ -176,7 +181,7 @@ def build_train_batches(cfg, dataset, dist, device, num_classes):
         raise DatasetError(f'the training set has {len(dataset)} samples, fewer than one batch of {cfg.batch_size} '
                            f'per process ({dist.world_size} processes): lower --batch-size')
     mixup_arguments = _mixup_arguments(cfg, num_classes)
-    if dataset_family(cfg.dataset) != 'cifar':
+    if not _prefetches(cfg):
         mixup = Mixup(**mixup_arguments) if mixup_arguments else None
         return Batches(_loader(cfg, dataset, cfg.batch_size, sampler, None, True), device, mixup=mixup,
                        mixup_off_epoch=cfg.mixup_off_epoch)
@@ -191,7 +196,7 @@ def build_train_batches(cfg, dataset, dist, device, num_classes):
 def build_eval_batches(cfg, dataset, dist, device, batch_size):
     """In order, split over the processes in whole batches (:class:`ShardSampler`)."""
     sampler = ShardSampler(len(dataset), dist.rank, dist.world_size, batch_size)
-    if dataset_family(cfg.dataset) != 'cifar':
+    if not _prefetches(cfg):
         return Batches(_loader(cfg, dataset, batch_size, sampler, None, False), device)
     loader = _loader(cfg, dataset, batch_size, sampler, fast_collate, False)
     return Batches(loader, device, PrefetchLoader(loader, *_normalisation(cfg), device=device))

@@ -157,7 +157,8 @@ def build_event_datasets(cfg, name, training=True):
         train_base = test_base = bases['all']
         train_indices, test_indices = per_class_split(train_base.targets)
     files = FrameFiles(info.title, root / 'events_np', _frames_folder(root, frames_number))
-    train = EventFrames(train_base, train_indices, files, EventAugment(hflip=cfg.hflip)) if training else None
+    augment = EventAugment(hflip=cfg.hflip) if cfg.augment else None
+    train = EventFrames(train_base, train_indices, files, augment) if training else None
     evaluation = EventFrames(test_base, test_indices, files)
     total = sum(len(base) for base in bases.values())
     _logger.info('%s: %d frames per sample from %s; %d training and %d test samples, %d classes', info.title,
