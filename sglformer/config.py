@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .options import AUTHORS_FLAGS, COMMANDS, OPTIONS, OPTIONS_BY_NAME, PATCH_SIZES, RUNS, SGD_LIKE, YAML_KEYS
+from .options import AUTHORS_FLAGS, COMMANDS, OPTIONS, OPTIONS_BY_NAME, PATCH_SIZES, SGD_LIKE, YAML_KEYS
 
 _logger = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ class DistInfo:
 
 
 _health_group = None  # a second gloo group: after a collective failed, it finds out who stopped answering
+PROBE_SECONDS = 5
 
 
 def default_device():
@@ -57,31 +58,58 @@ def init_distributed(device_type, timeout_minutes=30.0):
 
 
 def _unanswered_ranks():
-    """The ranks that do not reach a barrier within a few seconds, as far as this process can tell
-    (rank 0 hears from everyone; the others only from rank 0)."""
+    """The ranks that do not reach a barrier within a few seconds. Only process 0 hears from every other
+    process; the others wait on process 0 alone, for as long as the group's timeout, so they do not ask."""
     try:
-        dist.monitored_barrier(group=_health_group, timeout=datetime.timedelta(seconds=5), wait_all_ranks=True)
+        dist.monitored_barrier(group=_health_group, timeout=datetime.timedelta(seconds=PROBE_SECONDS),
+                               wait_all_ranks=True)
     except RuntimeError as exc:
         found = re.search(r'Ranks? ([\d, ]+) failed to pass', str(exc))
-        return found.group(1).strip() if found else '0'
+        return found.group(1).strip() if found else None
     return None
 
 
 @contextlib.contextmanager
 def stall_watch(info, timeout_minutes):
     """Turn a collective that failed because another process stopped answering into one
-    :class:`DistributedError` naming that process."""
+    :class:`DistributedError` that says what happened: how long this process waited, and which process
+    did not answer where process 0 can tell."""
     try:
         yield
     except RuntimeError as exc:
         if not (info.enabled and any(text in str(exc).lower() for text in _STALL_MESSAGES)):
             raise
-        ranks = _unanswered_ranks() if _health_group is not None else None
-        who = f'process rank {ranks}' if ranks is not None else 'another process'
-        raise DistributedError(
-            f'{who} of this {info.world_size}-process run stopped answering (rank {info.rank} waited up to '
-            f'{timeout_minutes:g} min, the --dist-timeout); the run ends here. A stuck data loader or file '
-            f'system is the usual cause. Torch reported: {str(exc).splitlines()[0][:200]}') from None
+        waited = f'process {info.rank} waited {timeout_minutes:g} min (the --dist-timeout) for the others'
+        ranks = _unanswered_ranks() if info.is_main and _health_group is not None else None
+        if ranks is not None:
+            what = f'process rank {ranks} of this {info.world_size}-process run stopped answering: {waited}, then ' \
+                   f'{PROBE_SECONDS} s for rank {ranks} alone'
+        else:
+            what = f'a process of this {info.world_size}-process run stopped answering: {waited}'
+        raise DistributedError(f'{what}; the run ends here. A stuck data loader or file system is the usual cause. '
+                               f'Torch reported: {str(exc).splitlines()[0][:200]}') from None
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Process 0 runs the block before the others (it makes the files they then read). Where it fails, the
+    others end at once with its reason, instead of waiting for it until the timeout."""
+    if not (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    failure = [None]
+    if dist.get_rank() == 0:
+        try:
+            yield
+        except Exception as exc:
+            dist.broadcast_object_list([f'{exc}'], src=0)
+            raise
+        dist.broadcast_object_list(failure, src=0)
+        return
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise DistributedError(f'process 0 could not prepare the data: {failure[0]}')
+    yield
 
 
 def all_reduce_sum(values, device):

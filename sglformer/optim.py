@@ -5,10 +5,13 @@ biases and other 1-D parameters, frozen parameters left out). That is also what 
 layer-decay groups amount to on these models: their rule puts every parameter in the last layer, so
 every group learns at the full rate whatever ``layer_decay`` is.
 """
+import difflib
 import math
 
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
+
+from .config import ConfigError
 
 
 def absolute_lr(blr, images_per_step):
@@ -20,6 +23,10 @@ def absolute_lr(blr, images_per_step):
 def build_optimizer(cfg, model):
     extra = {key: value for key, value in (('eps', cfg.opt_eps), ('betas', cfg.opt_betas and tuple(cfg.opt_betas)))
              if value}
+    if cfg.opt.lower().split('_')[-1] not in list_optimizers():
+        close = difflib.get_close_matches(cfg.opt.lower(), list_optimizers(), n=3)
+        raise ConfigError(f"'opt' {cfg.opt!r} is not an optimiser of timm" +
+                          (f"; did you mean {' or '.join(close)}?" if close else '; for example adamw, sgd, lamb'))
     return create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                                **extra)
 

@@ -36,6 +36,8 @@ TIMM_TEMPORARY = 'tmp.pth.tar'  # what timm's CheckpointSaver writes before rena
 NAME_MAX = 255  # bytes in one file name on Linux file systems
 # Recorded settings that change the numbers of a resumed run, not what it does: a difference is a warning.
 ENVIRONMENT = ('device', 'threads', 'torch_version', 'spikingjelly_version')
+# Recorded values that say where the run is and what it continues from, not how it trains.
+NOT_SETTINGS = ('resume', 'initial_checkpoint', 'experiment', 'output', 'changes')
 
 
 class RunFolderError(RuntimeError):
@@ -276,7 +278,7 @@ class RunFolder:
         recorded = dict(settings)
         if resumed_at and target.exists():
             first = yaml.safe_load(target.read_text()) or {}
-            differ = sorted(k for k in set(first) | set(settings) if k not in ('resume', 'changes')
+            differ = sorted(k for k in set(first) | set(settings) if k not in NOT_SETTINGS
                             and first.get(k) != settings.get(k))
             changed = {k: [first.get(k), settings.get(k)] for k in differ if k not in ENVIRONMENT}
             environment = [f'{k} {first.get(k)} -> {settings.get(k)}' for k in differ if k in ENVIRONMENT]
@@ -326,8 +328,11 @@ def run_folder_path(cfg):
         path = Path(cfg.resume).resolve().parent
     else:
         template = ('eval-' if cfg.eval and cfg.run_name else '') + cfg.run_name
-        path = Path(cfg.output) / template.format(**cfg.to_dict(),
-                                                  date=datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
+        name = Path(template.format(**cfg.to_dict(), date=datetime.datetime.now().strftime('%Y%m%d-%H%M%S')))
+        if name.is_absolute() or '..' in name.parts:
+            raise RunFolderError(f'--run-name {cfg.run_name!r} gives {name}, outside --output ({cfg.output}): a run '
+                                 'name makes folders inside --output; to write the run elsewhere, pass --output DIR')
+        path = Path(cfg.output) / name
     too_long = [part for part in path.parts if len(part.encode()) > NAME_MAX]
     if too_long:
         raise RunFolderError(f'the run folder name {too_long[0][:40]}... has {len(too_long[0].encode())} bytes, more '

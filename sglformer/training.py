@@ -19,13 +19,14 @@ from torch import nn
 from . import engine
 from .build import EXPECTED_ERRORS, build_model, load_weights, resolve_device
 from .checkpoint import optimizer_state, resume_state
-from .config import COMMAND_LINE, RUNS, ConfigError, check, parse_args
+from .config import COMMAND_LINE, ConfigError, check, parse_args
 from .data import build_datasets, build_eval_batches, build_train_batches, dataset_family
 from .distributed import barrier, default_device, init_distributed, shutdown, stall_watch
 from .files import write_atomically, writing
 from .logs import setup_logging
 from .neuron import SPIKINGJELLY_VERSION, choose_neuron
 from .optim import Schedule, absolute_lr, build_optimizer
+from .options import RUNS
 from .run_folder import RunFolder, run_folder_path
 
 _logger = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def train(cfg, model, dist):
     checkpoint = load_weights(model, cfg.resume) if cfg.resume else None
     if cfg.initial_checkpoint:
         load_weights(model, cfg.initial_checkpoint, fine_tune=True)
-    train_set, eval_set = build_datasets(cfg)
+    train_set, eval_set = build_datasets(cfg, num_classes=model.num_classes)
     device = torch.device(cfg.device)
     train_batches = build_train_batches(cfg, train_set, dist, device, model.num_classes)
     eval_batches = build_eval_batches(cfg, eval_set, dist, device, cfg.val_batch_size)
@@ -229,6 +230,8 @@ def _epoch(cfg, trainer, train_batches, eval_batches, epoch, folder):
         kept = (f'the last good checkpoint is {folder.last}' if folder is not None and folder.last.exists()
                 else 'no checkpoint had been written yet')
         raise engine.NonFiniteLossError(f'{exc}; training stopped, {kept}. Try a lower --lr or --no-amp') from None
+    if trainer.dist.enabled:
+        train_batches.loader.dataset.check_all_processes(device)
     evaluated = [trainer.model] + ([trainer.ema.module] if trainer.ema and not cfg.model_ema_force_cpu else [])
     metrics = None
     for model in evaluated:
@@ -265,7 +268,7 @@ def evaluate_checkpoint(cfg, model, dist):
     trained = getattr(load_weights(model, path).get('args'), 'time_step', None)
     if trained is not None and trained != cfg.time_step:  # the ImageNet models have no weights that depend on T
         _logger.warning('%s was trained with T=%d; evaluating it with T=%d', path, trained, cfg.time_step)
-    _, eval_set = build_datasets(cfg, training=False)
+    _, eval_set = build_datasets(cfg, training=False, num_classes=model.num_classes)
     batches = build_eval_batches(cfg, eval_set, dist, torch.device(cfg.device), cfg.val_batch_size)
     modes = [cfg.per_image_neurons] + ([not cfg.per_image_neurons] if cfg.compare_per_image_neurons else [])
     results = {}

@@ -14,10 +14,9 @@ from spikingjelly.datasets import cifar10_dvs
 from torch.utils.data import DataLoader, Dataset
 
 from conftest import REPO_ROOT
-from sglformer.data.augment import EventAugment
 from sglformer.config import parse_args
-from sglformer.data import DatasetError, build_datasets, build_eval_batches, build_train_batches
-from sglformer.data import UnreadableSampleError
+from sglformer.data import DatasetError, UnreadableSampleError, build_datasets, build_eval_batches, build_train_batches
+from sglformer.data.augment import EventAugment
 from sglformer.data.unreadable import SkipUnreadable
 from sglformer.testing import (events_of, truncate_file, write_cifar10_dvs_archives, write_events_file, write_events_np,
                                write_image_folder)

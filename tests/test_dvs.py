@@ -17,7 +17,8 @@ from sglformer.checkpoint import read_checkpoint
 from sglformer.config import parse_args
 from sglformer.data import augment, build_datasets
 from sglformer.data.augment import OPERATIONS, EventAugment, apply_operation
-from sglformer.data.dvs import per_class_split, read_cifar10_dvs_events
+from sglformer.data.dvs import per_class_split
+from sglformer.data.event_files import read_cifar10_dvs_events
 from sglformer.run_folder import run_folder_path
 from sglformer.testing import events_of, write_cifar10_dvs_archives, write_events_np
 
@@ -275,7 +276,7 @@ def test_dvs128_splits_with_other_classes_are_an_error(tmp_path, capsys):
 
 def test_events_files_are_read_one_thread_at_a_time(roots, tmp_path, monkeypatch):
     """numpy's header parser has failed when integration threads called it together (CPython 3.11.7)."""
-    from sglformer.data import dvs
+    from sglformer.data import event_files
     real_load, overlaps, inside = np.load, [], []
 
     def load(*args, **kwargs):
@@ -286,7 +287,7 @@ def test_events_files_are_read_one_thread_at_a_time(roots, tmp_path, monkeypatch
         finally:
             inside.pop()
 
-    monkeypatch.setattr(dvs.np, 'load', load)
+    monkeypatch.setattr(event_files.np, 'load', load)
     root = tmp_path / 'copy'
     shutil.copytree(roots['cifar10-dvs'] / 'events_np', root / 'events_np')
     build_datasets(args_for('cifar10-dvs', root))

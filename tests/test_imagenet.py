@@ -380,3 +380,12 @@ def test_finetune_follows_the_authors_rule(tmp_path, caplog):
     assert all(torch.equal(state[k], v) for k, v in weights.items() if k != 'head.weight')
     assert state['head.weight'].std() < 1e-4 and state['head.bias'].equal(weights['head.bias'])
     assert '1 weights of the model not in the file (localblock.0.local1.conv.bn.running_var)' in caplog.text
+
+
+def test_an_evaluation_at_another_t_runs_with_a_warning_and_records_it(tmp_path, data_path, trained_run, capsys):
+    """No weight of the ImageNet models depends on T: evaluating at another T than trained acts, and says so."""
+    other_t = [flag if flag != '1' or MODEL[i - 1] != '-T' else '2' for i, flag in enumerate(MODEL)]
+    train('--data_path', str(data_path), *other_t, '--eval', '--resume', str(trained_run / 'run' / 'checkpoint-last.pth'),
+          '--output_dir', str(tmp_path))
+    assert 'checkpoint-last.pth was trained with T=1; evaluating it with T=2' in capsys.readouterr().err
+    assert json.loads((tmp_path / 'eval.json').read_text())['T'] == 2

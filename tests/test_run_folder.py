@@ -211,6 +211,28 @@ def test_nothing_is_written_before_the_checks(tmp_path):
     assert not (tmp_path / 'new').exists()
 
 
+def test_a_resume_that_waited_while_the_folder_moved_on_is_refused(tmp_path, monkeypatch):
+    """The race held open: the resumed checkpoint is read, then, before this run takes the folder's lock, the
+    run that held the folder writes another epoch and ends. Continuing would rewind the folder."""
+    path = tmp_path / 'run'
+    trainee = train(path, 'timm', [10, 20], num_epochs=4)
+    checkpoint = read_checkpoint(path / 'last.pth.tar')  # what this run read, at epoch 1
+    real_lock = run_folder.lock_folder
+
+    def the_other_run_goes_on_first(folder):
+        monkeypatch.setattr(run_folder, 'lock_folder', real_lock)
+        resume(path, path / 'last.pth.tar', 'timm', [30], trainee=trainee, num_epochs=4)  # epoch 2, then it ends
+        return real_lock(folder)
+
+    monkeypatch.setattr(run_folder, 'lock_folder', the_other_run_goes_on_first)
+    with pytest.raises(RunFolderError) as error:
+        RunFolder.open(path, 'timm', SETTINGS, num_epochs=4, resume_from=path / 'last.pth.tar', checkpoint=checkpoint)
+    assert str(error.value).startswith(f"{path} moved on while this run waited for it: {path / 'last.pth.tar'} held "
+                                       'epoch 1 when this run read it and now holds epoch 2')
+    assert read_checkpoint(path / 'last.pth.tar')['epoch'] == 2  # the other run's files are as it left them
+    assert [line.split(',')[0] for line in (path / 'summary.csv').read_text().splitlines()] == ['epoch', '0', '1', '2']
+
+
 def test_resume_into_a_folder_holding_another_run_is_refused_naming_both(tmp_path):
     train(tmp_path / 'a', 'timm', [10, 20])
     train(tmp_path / 'b', 'timm', [30])

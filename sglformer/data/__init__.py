@@ -65,10 +65,17 @@ def image_transforms(cfg, is_training):
     if not is_training:
         return create_transform(cfg.img_size, is_training=False, interpolation=cfg.interpolation, mean=mean, std=std,
                                 crop_pct=cfg.crop_pct or IMAGENET_CROP_PCT, use_prefetcher=prefetch)
-    transform = create_transform(
-        cfg.img_size, is_training=True, no_aug=not cfg.augment, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
-        vflip=cfg.vflip, color_jitter=cfg.color_jitter, auto_augment=cfg.aa, interpolation=cfg.train_interpolation,
-        mean=mean, std=std, re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount, use_prefetcher=prefetch)
+    try:
+        transform = create_transform(
+            cfg.img_size, is_training=True, no_aug=not cfg.augment, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
+            hflip=cfg.hflip, vflip=cfg.vflip, color_jitter=cfg.color_jitter, auto_augment=cfg.aa,
+            interpolation=cfg.train_interpolation, mean=mean, std=std, re_prob=cfg.reprob, re_mode=cfg.remode,
+            re_count=cfg.recount, use_prefetcher=prefetch)
+    except (AssertionError, KeyError, ValueError) as exc:
+        if not cfg.aa:
+            raise
+        raise ConfigError(f"'aa' {cfg.aa!r} is not an augmentation policy of timm ({exc or type(exc).__name__}): for "
+                          'example rand-m9-n1-mstd0.4-inc1 (RandAugment), augmix-m5-w4-d2, original') from None
     for step in transform.transforms:
         for op in getattr(step, 'ops', ()):
             if op.aug_fn is auto_augment.posterize:
@@ -81,14 +88,34 @@ def _prefetches(cfg):
     return dataset_family(cfg.dataset) == 'cifar' and cfg.prefetcher
 
 
-def build_datasets(cfg, training=True):
-    """``(train, eval)`` datasets for ``cfg.dataset``; ``train`` is None when ``training`` is False.
+def build_datasets(cfg, training=True, num_classes=None):
+    """``(train, eval)`` datasets for ``cfg.dataset``; ``train`` is None when ``training`` is False. Both must
+    hold samples, and with ``num_classes`` (the model's outputs) every label must have an output.
     Up to ``max_unreadable_samples`` training samples whose file cannot be read are skipped; evaluation
     never skips, so that accuracy is over the whole set."""
     train, evaluation = _datasets(cfg, training)
+    splits = {'training': train, 'evaluation': evaluation} if training else {'evaluation': evaluation}
+    if not all(len(split) for split in splits.values()):
+        raise DatasetError(_empty_split(cfg, splits))
+    classes = max(max(split.targets) + 1 for split in splits.values())
+    if num_classes is not None and classes > num_classes:
+        raise DatasetError(f'{cfg.data_dir} holds {classes} classes but the model has {num_classes} outputs: set '
+                           f'num_classes (--num-classes {classes}), or use the data of the model')
     if train is not None:
         train = SkipUnreadable(train, cfg.max_unreadable_samples, cfg.dataset)
     return train, evaluation
+
+
+def _empty_split(cfg, splits):
+    names = next(split.classes for split in splits.values() if getattr(split, 'classes', None))
+    counts = {name: ', '.join(f'{kind} {split.targets.count(label)}' for kind, split in splits.items())
+              for label, name in enumerate(names)}
+    listed = '; '.join(f'{name}: {count}' for name, count in list(counts.items())[:10])
+    fix = ("the authors' split trains on the first 90% (rounded up) of each class's samples, so a class needs 10 or "
+           'more to give the test split one; add samples' if cfg.dataset in EVENT_DATASET_NAMES and
+           EVENT_DATASET_NAMES[cfg.dataset] == 'cifar10-dvs' else 'add samples to the empty split')
+    empty = ' and '.join(kind for kind, split in splits.items() if not len(split))
+    return f'the {empty} split of {cfg.dataset} in {cfg.data_dir} holds no samples (per class: {listed}): {fix}'
 
 
 def _datasets(cfg, training):
@@ -102,7 +129,7 @@ def _datasets(cfg, training):
         return train, evaluation
     if family == 'imagenet':
         return image_folder_datasets(cfg.data_dir, image_transforms(cfg, True) if training else None,
-                                     image_transforms(cfg, False), cfg.num_classes, training)
+                                     image_transforms(cfg, False), training)
     return build_event_datasets(cfg, EVENT_DATASET_NAMES[cfg.dataset], training)
 
 

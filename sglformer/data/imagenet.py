@@ -44,10 +44,9 @@ def _image_folder(root, split, transform):
         raise DatasetError(f'{folder}: {exc}; {LAYOUT.format(root=root)}') from None
 
 
-def image_folder_datasets(root, train_transform, eval_transform, num_classes, training=True):
+def image_folder_datasets(root, train_transform, eval_transform, training=True):
     """``(train, val)`` ImageFolder datasets; ``train`` is None when ``training`` is False. The class
-    folders of the two splits must match (else the labels would silently differ), and the model's
-    ``num_classes`` must cover them."""
+    folders of the two splits must match (else the labels would silently differ)."""
     evaluation = _image_folder(root, 'val', eval_transform)
     train = _image_folder(root, 'train', train_transform) if training else None
     train_classes = train.classes if train is not None else (
@@ -57,7 +56,4 @@ def image_folder_datasets(root, train_transform, eval_transform, num_classes, tr
         raise DatasetError(f'{root}: train/ has {len(train_classes)} class folders and val/ {len(evaluation.classes)}, '
                            f"and they differ ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): "
                            'both need the same class folders')
-    if num_classes is not None and len(evaluation.classes) > num_classes:
-        raise DatasetError(f'{root} has {len(evaluation.classes)} classes but the model {num_classes}: '
-                           f'pass --nb_classes {len(evaluation.classes)}')
     return train, evaluation

@@ -5,6 +5,7 @@ import multiprocessing
 
 from torch.utils.data import Dataset
 
+from ..distributed import all_reduce_sum
 from .errors import UnreadableSampleError
 
 _logger = logging.getLogger(__name__)
@@ -57,6 +58,16 @@ class SkipUnreadable(Dataset):
 
     def skipped_files(self):
         return self._files(self.skipped_indices())
+
+    def check_all_processes(self, device):
+        """Under torchrun each process skips its own samples: end the run where all of them together skipped
+        more than the limit (called between epochs, where the processes meet anyway)."""
+        skipped = self.skipped_files()
+        total = int(all_reduce_sum([len(skipped)], device)[0])
+        if total > self.limit:
+            raise UnreadableSampleError(f'the processes of this run skipped {total} unreadable training samples of '
+                                        f'{self.title} together, more than max_unreadable_samples ({self.limit}); '
+                                        f"this process skipped {', '.join(skipped) or 'none'}")
 
     def _files(self, indices):
         samples = getattr(self.dataset, 'samples', None)  # torchvision's (path, target) pairs
