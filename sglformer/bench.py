@@ -32,9 +32,18 @@ _WRAPPED = '_checkpoint_wrapped_module.'  # memopt's wrappers put this in parame
 
 
 def variant_names():
-    """The ``--neuron`` names the installed spikingjelly offers."""
+    """The ``--neuron`` kernels the installed spikingjelly offers (each may take ``:recompute`` or ``:plain``)."""
     names = ('spikingjelly', 'fused') + NEURON_BACKENDS[1:]
     return names + (MEMOPT_VARIANTS if spikingjelly_memopt() is not None else ())
+
+
+def _variant(name):
+    """``(kernel, recompute)`` of a ``--neuron`` name: the fused neurons recompute unless ``:plain``, the
+    others (spikingjelly's computation, and memopt's own) only with ``:recompute``."""
+    kernel, _, memory = name.partition(':')
+    if memory not in ('', 'plain', 'recompute') or kernel not in variant_names() or (memory and kernel in MEMOPT_VARIANTS):
+        return None
+    return kernel, memory == 'recompute' or (kernel == 'fused' and memory != 'plain')
 
 
 def parse_args(argv=None):
@@ -44,7 +53,7 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--neuron', dest='neuron_list', default='spikingjelly,fused',
                         help=f"comma-separated variants, the first is the baseline; with {STACK}: "
-                             f"{', '.join(variant_names())}")
+                             f"{', '.join(variant_names())}, each with :recompute or :plain (docs/performance.md)")
     parser.add_argument('--repeat', type=int, default=5, help='timed runs of each (medians are reported)')
     parser.add_argument('--warmup', type=int, default=1, help='untimed train steps and eval passes first')
     parser.add_argument('--dim', type=int, help='embedding dimension D (default: the variant\'s)')
@@ -52,30 +61,30 @@ def parse_args(argv=None):
     parser.add_argument('--layer', type=int, help='blocks, the models\' "depths" (default: the variant\'s)')
     parser.add_argument('-T', '--time-step', type=int, dest='time_step', help='time steps (default: the variant\'s)')
     parser.add_argument('--img-size', type=int, help='input height and width (default: the variant\'s)')
-    parser.add_argument('--amp', action='store_true', help='float16 autocast with gradient scaling (CUDA only)')
+    parser.add_argument('--amp', action='store_true', help='float16 autocast with gradient scaling')
+    parser.add_argument('--project-batch', type=int, help='also project the peak memory of training at this batch '
+                                                          'size per device: activations, weights, gradients, AdamW')
     parser.add_argument('--threads', type=int, help='CPU threads for torch (default: torch\'s choice)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--json', help='also write the results to this file')
     cfg = parser.parse_args(argv)
     cfg.neurons = [name.strip() for name in cfg.neuron_list.split(',') if name.strip()]
-    unknown = [name for name in cfg.neurons if name not in variant_names()]
+    unknown = [name for name in cfg.neurons if _variant(name) is None]
     if not cfg.neurons or unknown:
         memopt_note = ('; the memopt-* variants need spikingjelly 2 (pip install -r requirements-sj2.txt)'
                        if any(name in MEMOPT_VARIANTS for name in unknown) else '')
         parser.error(f"--neuron takes names from {', '.join(variant_names())} with {STACK}, got "
                      f'{cfg.neuron_list!r}{memopt_note}')
-    if cfg.amp and torch.device(cfg.device).type != 'cuda':
-        parser.error('--amp is float16 autocast on CUDA; run on the CPU without it')
-    if cfg.batch < 1 or cfg.repeat < 1 or cfg.warmup < 0 or (cfg.threads is not None and cfg.threads < 1):
-        parser.error('--batch, --repeat and --threads must be at least 1, --warmup at least 0')
+    if min(cfg.batch, cfg.repeat, cfg.threads or 1, cfg.project_batch or 1) < 1 or cfg.warmup < 0:
+        parser.error('--batch, --repeat, --threads and --project-batch must be at least 1, --warmup at least 0')
     return cfg
 
 
-def _neuron_request(name):
+def _neuron_request(kernel):
     """``(implementation, backend)`` of a variant's neurons."""
-    if name == 'fused':
+    if kernel == 'fused':
         return 'fused', 'auto'
-    return 'spikingjelly', name if name in NEURON_BACKENDS else 'auto'
+    return 'spikingjelly', kernel if kernel in NEURON_BACKENDS else 'auto'
 
 
 class Runner:
@@ -84,18 +93,19 @@ class Runner:
     def __init__(self, name, model, amp, images):
         self.name = name
         self.model = model
-        implementation, backend = _neuron_request(name)
+        kernel, model.recompute = _variant(name)
+        implementation, backend = _neuron_request(kernel)
         model.set_neuron(implementation)
         model.set_neuron_backend(backend)
         self.choice = choose_neuron(implementation, backend, images.device)
-        if name in MEMOPT_VARIANTS:
-            apply_memopt(model, name.removeprefix('memopt-'), images)
-        self.amp = amp
+        if kernel in MEMOPT_VARIANTS:
+            apply_memopt(model, kernel.removeprefix('memopt-'), images)
+        self.device_type, self.amp = images.device.type, amp
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        self.scaler = torch.amp.GradScaler('cuda', enabled=amp)
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=amp)
 
     def autocast(self):
-        return torch.autocast('cuda', dtype=torch.float16) if self.amp else contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=torch.float16, enabled=self.amp)
 
     def forward_loss(self, images, labels):
         self.model.train()
@@ -310,13 +320,28 @@ def run(cfg):
     results = [_result(runner, times[runner.name], memory[runner.name], flops, cfg.batch,
                        compare(first_step, first_steps[0]))
                for runner, first_step in zip(runners, first_steps)]
+    for runner, row in zip(runners, results):
+        if not row['exact'] and runner.backend() != runners[0].backend():
+            row['why'] = (f'{runner.backend()} and {runners[0].backend()} are different kernels: their floating-point '
+                          'steps differ (CuPy compiles with fast math)')
     _relate_to_baseline(results)
     model = runners[0].model
+    if cfg.project_batch:
+        _project(results, model, cfg.project_batch)
     return dict(
         model=cfg.model, embed_dims=model.num_features, T=model.T, input_shape=list(images.shape),
         batch=cfg.batch, dtype='float16 autocast' if cfg.amp else 'float32', repeat=cfg.repeat,
         warmup=cfg.warmup, conditions_start=started, conditions_end=conditions(device),
-        train_step_flops=flops, results=results)
+        train_step_flops=flops, project_batch=cfg.project_batch, results=results)
+
+
+def _project(results, model, batch):
+    """Peak memory of a training step at ``batch`` images per device: each variant's activations, plus the
+    weights, their gradients and AdamW's two moments (four float32 copies of the parameters)."""
+    fixed = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
+    for row in results:
+        per_image = row['activation_bytes_per_image']
+        row['projected_peak_bytes'] = None if per_image is None else per_image * batch + fixed
 
 
 def _result(runner, times, memory, flops, batch, exactness):
@@ -371,7 +396,7 @@ def _exactness(row):
     if row['exact']:
         return 'exact'
     return (f"loss {row['loss_abs_diff']:.1e} ({row['loss_rel_diff']:.1e} rel), "
-            f"grads {row['grad_abs_diff']:.1e} ({row['grad_rel_diff']:.1e} rel)")
+            f"grads {row['grad_abs_diff']:.1e} ({row['grad_rel_diff']:.1e} rel)" + (f": {row['why']}" if 'why' in row else ''))
 
 
 def markdown_table(reports):
@@ -379,6 +404,9 @@ def markdown_table(reports):
     several = len(reports) > 1
     header = ['variant', 'neurons', 'train step (s)', 'speed-up', 'GFLOP/s', 'CPU time (s)', 'eval (img/s)',
               'speed-up', 'activation memory (MB/img)', 'vs baseline', 'vs baseline after one step']
+    projected = next((report['project_batch'] for report in reports if report.get('project_batch')), None)
+    if projected:
+        header.append(f'peak at batch {projected} (GB)')
     if several:
         header = ['model', 'stack', 'batch', 'dtype'] + header
     lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
@@ -388,6 +416,9 @@ def markdown_table(reports):
                      f"{row['train_gflop_per_s']:.1f}", f"{row['train_step_cpu_s']:.2f}",
                      f"{row['eval_images_per_s']:.1f}", f"{row['eval_speedup']:.2f}x",
                      _megabytes(row['activation_bytes_per_image']), _ratio(row['memory_ratio']), _exactness(row)]
+            if projected:
+                peak = row.get('projected_peak_bytes')
+                cells.append('n/a' if peak is None else f'{peak / 1e9:.1f}')
             if several:
                 stack = report['conditions_start'].get('stack', 'spikingjelly')
                 cells = [report['model'], stack, str(report['batch']), report['dtype']] + cells

@@ -25,7 +25,7 @@ EXPECTED_ERRORS = (ConfigError, DatasetError, CheckpointError, NeuronBackendErro
 # Options (sglformer.config) that map onto model constructor keywords (the authors' names).
 MODEL_OPTIONS = {'time_step': 'T', 'layer': 'depths', 'dim': 'embed_dims', 'num_heads': 'num_heads',
                  'mlp_ratio': 'mlp_ratios', 'num_classes': 'num_classes', 'patch_size': 'patch_size',
-                 'neuron': 'neuron', 'neuron_backend': 'neuron_backend'}
+                 'neuron': 'neuron', 'neuron_backend': 'neuron_backend', 'recompute': 'recompute'}
 
 
 def create_model(cfg):

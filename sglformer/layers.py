@@ -5,8 +5,8 @@ Attribute names are the authors' state-dict keys and must not change.
 """
 from torch import nn
 
-from . import fused
-from .neuron import FusedLIFNode, create_lif
+from . import memory
+from .neuron import create_lif
 
 ATTENTION_SCALE = 0.125  # the authors' constant, whatever the head size
 ATTENTION_THRESHOLD = 0.5
@@ -61,37 +61,48 @@ class SpikeAttention(nn.Module):
         return f'num_heads={self.num_heads}'
 
 
-def norm_pool_fire(bn, pool, lif, y, steps, merged_time_steps=False):
-    """``lif(pool(bn(y)))`` for a convolution's output ``y = [T*B, ...]``: the neuron gets ``[T, B, ...]``, or
-    with ``merged_time_steps`` ``y`` itself (T*B steps); returns ``[T, B, ...]``. ``pool`` may be ``None``.
+def fire(lif, x_seq):
+    """``lif(x_seq)``; a layer that saves the spikes keeps them as booleans (:mod:`sglformer.memory`)."""
+    return memory.spikes(lif(x_seq))
 
-    With a fused neuron in training the numbers stay the same and less is kept for the backward pass:
-    without a pool, :func:`sglformer.fused.norm_fire` recomputes BatchNorm's output and the neuron's
-    membranes from ``y``; with one (recomputing it would cost more time on the CPU than the rest of the
-    unit), :func:`sglformer.fused.max_pool` keeps its indices but not its input.
+
+def run_unit(conv, bn, pool, lif, x, merged_time_steps=False, recompute_conv=False):
+    """``lif(pool(bn(conv(x))))`` for ``x = [T, B, ...]``, the layers without a time axis on ``[T*B, ...]``;
+    the neuron gets ``[T, B, ...]``, or with ``merged_time_steps`` ``[T*B, ...]`` (T*B steps). ``pool`` may be None.
+
+    Where :func:`sglformer.memory.recomputes`, a unit without a pool keeps only its convolution's output for
+    the backward pass (with ``recompute_conv``, for the network's input, only the convolution's input) and
+    a pooled unit the pool's indices but not its input; the numbers stay the same.
     """
-    def to_sequence(x):
-        return x if merged_time_steps else split_time(x, steps)
-    fused_neuron = isinstance(lif, FusedLIFNode)
-    if fused_neuron and pool is None and fused.recomputable(bn, lif):
-        spikes = fused.norm_fire(bn, lif, y, to_sequence)
+    steps = x.shape[0]
+
+    def to_sequence(t):
+        return t if merged_time_steps else split_time(t, steps)
+    flat = merge_time(x)
+    if (recompute_conv or pool is None) and memory.recomputes(bn, lif, conv, pool):
+        if recompute_conv:
+            spikes = memory.recomputed_unit(conv, bn, pool, lif, flat, to_sequence)
+        else:
+            spikes = memory.recomputed_unit(None, bn, None, lif, conv(flat), to_sequence)
     else:
-        x = bn(y)
+        y = conv(flat)
+        out = bn(y)
         if pool is not None:
-            x = fused.max_pool(pool, x, like=y) if fused_neuron else pool(x)
-        spikes = lif(to_sequence(x))
+            out = memory.max_pool(pool, out, like=y)
+        spikes = fire(lif, to_sequence(out))
     return split_time(spikes, steps) if merged_time_steps else spikes
 
 
 class ConvBNLIF(nn.Module):
-    """Conv2d -> BatchNorm2d -> [MaxPool2d(3, 2, 1)] -> LIF on ``[T, B, C, H, W]``.
+    """Conv2d -> BatchNorm2d -> [MaxPool2d(3, 2, 1)] -> LIF on ``[T, B, C, H, W]`` (see :func:`run_unit`).
 
     The pool sits between BN and the neuron (the paper's "Maxpooling module"). The convolution is
     stored as ``conv3x3`` or ``conv1x1`` after its kernel size, as in the authors' state dicts.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, groups=1, pool=False):
+    def __init__(self, in_channels, out_channels, kernel_size, groups=1, pool=False, recompute_conv=False):
         super().__init__()
+        self.recompute_conv = recompute_conv
         self.conv_name = f'conv{kernel_size}x{kernel_size}'
         self.add_module(self.conv_name, nn.Conv2d(
             in_channels, out_channels, kernel_size, stride=1, padding=kernel_size // 2, groups=groups, bias=False))
@@ -100,12 +111,13 @@ class ConvBNLIF(nn.Module):
         self.lif = create_lif()
 
     def forward(self, x):
-        return norm_pool_fire(self.bn, self.pool, self.lif, getattr(self, self.conv_name)(merge_time(x)), x.shape[0])
+        return run_unit(getattr(self, self.conv_name), self.bn, self.pool, self.lif, x,
+                        recompute_conv=self.recompute_conv)
 
 
-def conv3x3(in_channels, out_channels, stride=1):
+def conv3x3(in_channels, out_channels, stride=1, recompute_conv=False):
     """The authors' ``Conv3x3``; stride 2 is a max pool after BN, halving H and W."""
-    return ConvBNLIF(in_channels, out_channels, 3, pool=stride == 2)
+    return ConvBNLIF(in_channels, out_channels, 3, pool=stride == 2, recompute_conv=recompute_conv)
 
 
 def dwconv3x3(channels):
@@ -142,8 +154,8 @@ class LocalBlock(nn.Module):
         self.conv1x1_2 = conv1x1(hidden, dim)
 
     def forward(self, x):
-        x = x + self.conv(x)
-        return x + self.conv1x1_2(self.dwconv3x3(self.conv1x1_1(x)))
+        x = memory.counts(x + self.conv(x))
+        return memory.counts(x + self.conv1x1_2(self.dwconv3x3(self.conv1x1_1(x))))
 
 
 def partition(x, size):
@@ -188,10 +200,10 @@ class SpikingSelfAttention(nn.Module):
 
     def forward(self, x):
         if self.partition_size > 1:
-            x = partition(x, self.partition_size)
+            x = memory.counts(partition(x, self.partition_size))
         shape = x.shape
         q, k, v = (conv(x).flatten(3) for conv in (self.q_conv, self.k_conv, self.v_conv))
-        y = self.attn_lif(self.attention(q, k, v))
+        y = fire(self.attn_lif, self.attention(q, k, v))
         y = self.proj_conv(y.reshape(shape))
         if self.partition_size > 1:
             y = integrate(y, self.partition_size)
@@ -214,10 +226,10 @@ class SpikingTransformer(nn.Module):
 
     def forward(self, x):
         # loc adds its own residuals; the outer add is the authors' and changes the numbers.
-        x = x + self.loc(x)
+        x = memory.counts(x + self.loc(x))
         for attn, mlp in ((self.ssa1, self.mlp1), (self.ssa2, self.mlp2), (self.ssa3, self.mlp3)):
-            x = x + attn(x)
-            x = x + mlp(x)
+            x = memory.counts(x + attn(x))
+            x = memory.counts(x + mlp(x))
         return x
 
 
@@ -231,9 +243,9 @@ class ImageNetLocalStage(nn.Module):
         self.local2_MLP = MLP(dim, int(dim * mlp_ratio))
 
     def forward(self, x):
-        x = x + self.local1(x)
-        x = x + self.local2_SSA(x)
-        return x + self.local2_MLP(x)
+        x = memory.counts(x + self.local1(x))
+        x = memory.counts(x + self.local2_SSA(x))
+        return memory.counts(x + self.local2_MLP(x))
 
 
 def add_token_unit(owner, prefix, in_channels, out_channels, bias, threshold=1.0):
@@ -250,9 +262,8 @@ def run_token_unit(owner, prefix, x, merged_time_steps=False):
     With ``merged_time_steps`` the neuron runs on ``[T*B, C, N]``: T*B steps in which the membrane
     carries over from one image to the next. That is the authors' ``proj_lif``, reproduced on purpose.
     """
-    y = getattr(owner, f'{prefix}_conv')(merge_time(x))
-    return norm_pool_fire(getattr(owner, f'{prefix}_bn'), None, getattr(owner, f'{prefix}_lif'), y, x.shape[0],
-                          merged_time_steps)
+    return run_unit(*(getattr(owner, f'{prefix}_{name}') for name in ('conv', 'bn')), None,
+                    getattr(owner, f'{prefix}_lif'), x, merged_time_steps)
 
 
 class TokenSelfAttention(nn.Module):
@@ -276,7 +287,7 @@ class TokenSelfAttention(nn.Module):
 
     def forward(self, x):
         q, k, v = (run_token_unit(self, name, x) for name in ('q', 'k', 'v'))
-        y = self.attn_lif(self.attention(q, k, v))
+        y = fire(self.attn_lif, self.attention(q, k, v))
         return run_token_unit(self, 'proj', y, merged_time_steps=not self.per_image_neurons)
 
 
@@ -306,8 +317,8 @@ class GlobalBlock(nn.Module):
             norm.requires_grad_(False)
 
     def forward(self, x):
-        x = x + self.attn(x)
-        return x + self.mlp(x)
+        x = memory.counts(x + self.attn(x))
+        return memory.counts(x + self.mlp(x))
 
 
 class PatchEmbed(nn.Module):
@@ -340,10 +351,9 @@ class PatchEmbed(nn.Module):
         return f'maxpool{stage or ""}'
 
     def forward(self, x):
-        steps = x.shape[0]
         for stage, prefix in enumerate(self.PREFIXES):
             pool = getattr(self, self._pool_name(stage)) if stage in self.pooled_stages else None
-            x = norm_pool_fire(getattr(self, f'{prefix}_bn'), pool, getattr(self, f'{prefix}_lif'),
-                               getattr(self, f'{prefix}_conv')(merge_time(x)), steps,
-                               stage == 0 and self.merged_first_lif and not self.per_image_neurons)
+            merged = stage == 0 and self.merged_first_lif and not self.per_image_neurons
+            x = run_unit(getattr(self, f'{prefix}_conv'), getattr(self, f'{prefix}_bn'), pool,
+                         getattr(self, f'{prefix}_lif'), x, merged, recompute_conv=stage == 0)
         return x

@@ -13,7 +13,7 @@ from timm.models import register_model
 from torch import nn
 
 from .layers import GlobalBlock, ImageNetLocalStage, PatchEmbed, SpikingTransformer, TokenSelfAttention, conv3x3
-from .fused import compact_spike_saving
+from .memory import saving_memory
 from .neuron import (apply_neuron_backend, check_neuron_request, choose_neuron, neuron_implementation, reset_neurons,
                      use_neuron_implementation)
 
@@ -31,13 +31,15 @@ class SpikingModel(nn.Module):
     installed spikingjelly, see :mod:`sglformer.neuron`) are settled by
     :func:`sglformer.neuron.choose_neuron` when the model first sees an input on a device.
 
-    With fused neurons the forward runs inside :func:`sglformer.fused.compact_spike_saving`.
+    With ``recompute`` (the default) a training forward runs inside :func:`sglformer.memory.saving_memory`:
+    the spiking units keep less for the backward pass and compute the same numbers.
     """
 
     family = None  # the kind of data it takes: 'cifar' (images), 'events' (frames) or 'imagenet' (images)
 
-    def __init__(self, num_classes, num_features, in_channels, img_size, neuron_backend='auto'):
+    def __init__(self, num_classes, num_features, in_channels, img_size, neuron_backend='auto', recompute=True):
         super().__init__()
+        self.recompute = recompute
         self.num_classes = num_classes
         self.num_features = num_features
         self.in_channels = in_channels
@@ -46,7 +48,6 @@ class SpikingModel(nn.Module):
         check_neuron_request('auto', self.neuron_backend)
         self._neuron_request = 'spikingjelly'
         self._neuron_device = None
-        self._compact_spikes = False
 
     def _new_head(self):
         # Subclasses assign it last, where the authors' state dicts have it.
@@ -79,7 +80,6 @@ class SpikingModel(nn.Module):
             use_neuron_implementation(self, choice.implementation)
         apply_neuron_backend(self, choice.backend)
         self._neuron_device = device
-        self._compact_spikes = self.neuron != 'spikingjelly'
 
     def reset_neurons(self):
         reset_neurons(self)
@@ -105,7 +105,8 @@ class SpikingModel(nn.Module):
             # Settled once per device and after set_neuron/set_neuron_backend, not on every forward.
             self._settle_neurons(x.device)
         self.reset_neurons()
-        with compact_spike_saving() if self._compact_spikes and torch.is_grad_enabled() else contextlib.nullcontext():
+        saving = self.recompute and self.training and torch.is_grad_enabled()
+        with saving_memory() if saving else contextlib.nullcontext():
             return self.forward_head(self.forward_features(x))
 
 
@@ -134,14 +135,14 @@ class SGLFormer(SpikingModel):
     def __init__(self, img_size_h: int = 32, img_size_w: int = 32, in_channels: int = 3, num_classes: int = 10,
                  embed_dims: int = 384, num_heads: int = 16, mlp_ratios: float = 4, depths: int = 1, T: int = 4,
                  tokenizer_stride: int = 1, frame_input: bool = False, neuron_backend: str = 'auto',
-                 neuron: str = 'spikingjelly'):
-        super().__init__(num_classes, embed_dims, in_channels, (img_size_h, img_size_w), neuron_backend)
+                 neuron: str = 'spikingjelly', recompute: bool = True):
+        super().__init__(num_classes, embed_dims, in_channels, (img_size_h, img_size_w), neuron_backend, recompute)
         dim = embed_dims
         self.T = T
         self.frame_input = frame_input
         self.family = 'events' if frame_input else 'cifar'
         self.stem = nn.Module()
-        self.stem.conv = conv3x3(in_channels, dim // 6)
+        self.stem.conv = conv3x3(in_channels, dim // 6, recompute_conv=True)
         self.tokenizer = nn.Module()
         self.tokenizer.conv1 = conv3x3(dim // 6, dim // 4, tokenizer_stride)
         self.tokenizer.conv2 = conv3x3(dim // 4, dim // 2, tokenizer_stride)
@@ -179,8 +180,8 @@ class SGLFormerImageNet(SpikingModel):
     def __init__(self, arch: str = 'ima', img_size_h: int = 224, img_size_w: int = 224, in_channels: int = 3,
                  num_classes: int = 1000, embed_dims: int = 512, num_heads: int = 8, mlp_ratios: float = 4,
                  depths: int = 8, T: int = 4, neuron_backend: str = 'auto', neuron: str = 'spikingjelly',
-                 per_image_neurons: bool = False):
-        super().__init__(num_classes, embed_dims, in_channels, (img_size_h, img_size_w), neuron_backend)
+                 per_image_neurons: bool = False, recompute: bool = True):
+        super().__init__(num_classes, embed_dims, in_channels, (img_size_h, img_size_w), neuron_backend, recompute)
         if arch not in self.POOLED_STAGES:
             raise ValueError(f"arch must be one of {', '.join(self.POOLED_STAGES)}, got {arch!r}")
         if depths < 2:

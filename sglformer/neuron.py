@@ -64,6 +64,11 @@ if _LEGACY:
 
     def _stock_only(lif):
         return lif.store_v_seq
+
+    def _computing_dtype(x_seq):
+        # Its Torch neurons charge in TorchScript functions, which CPU autocast runs in float32.
+        lower = x_seq.dtype in (torch.float16, torch.bfloat16)
+        return torch.float32 if lower and x_seq.device.type == 'cpu' and torch.is_autocast_enabled('cpu') else x_seq.dtype
 else:
     _LIF_OPTIONS = {}
     # On float32 its Torch kernel multiplies the gradient by the finished derivative (1 - s) * s * alpha.
@@ -74,6 +79,9 @@ else:
 
     def _stock_only(lif):
         return lif.store_v_seq or lif._neuron_precision is not None
+
+    def _computing_dtype(x_seq):
+        return x_seq.dtype
 
 
 def spikingjelly_memopt():
@@ -100,26 +108,33 @@ class FusedLIFNode(sj_neuron.LIFNode):
     def multi_step_forward(self, x_seq):
         if _stock_only(self):
             return super().multi_step_forward(x_seq)
-        spikes, self.v = fused.multi_step_lif(x_seq, self.initial_membrane(self.v, x_seq), *self._parameters_for(x_seq))
+        x_seq = x_seq.to(_computing_dtype(x_seq))  # under autocast, what spikingjelly's own neuron computes in
+        spikes, self.v = fused.multi_step_lif(x_seq, initial_membrane(self, self.v, x_seq), *self._parameters_for(x_seq))
         return spikes
 
     def _parameters_for(self, x_seq):
         return (self.v_threshold, self.tau, self.surrogate_function.alpha,
                 x_seq.dtype in _SCALED_SURROGATE_DTYPES)
 
-    @property
-    def recomputable(self):
-        """Whether the multi-step forward is the fused one, which :meth:`input_gradient` differentiates."""
-        return self.step_mode == 'm' and not _stock_only(self)
-
-    def initial_membrane(self, v, x_seq):
-        """The membrane tensor a multi-step forward on ``x_seq`` starts from when the neuron's state is ``v``."""
-        return _initial_membrane(self, v, x_seq)
-
     def input_gradient(self, x_seq, v, grad_spikes, grad_v, initial_v_grad):
         """Gradients of ``x_seq`` and (with ``initial_v_grad``) of ``v`` of a multi-step forward from
         membrane ``v``, recomputed in ``x_seq``'s memory (see :func:`sglformer.fused.lif_input_gradient`)."""
-        return fused.lif_input_gradient(x_seq, v, *self._parameters_for(x_seq), grad_spikes, grad_v, initial_v_grad)
+        dtype = x_seq.dtype
+        x_seq = x_seq.to(_computing_dtype(x_seq))
+        grad_x, grad_v = fused.lif_input_gradient(x_seq, v.to(x_seq.dtype), *self._parameters_for(x_seq),
+                                                  grad_spikes, grad_v, initial_v_grad)
+        return grad_x.to(dtype), grad_v
+
+
+def initial_membrane(lif, v, x_seq):
+    """The membrane tensor a multi-step forward of ``lif`` on ``x_seq`` starts from when its state is ``v``."""
+    return _initial_membrane(lif, v, x_seq.to(_computing_dtype(x_seq)) if isinstance(lif, FusedLIFNode) else x_seq)
+
+
+def recomputable_neuron(lif) -> bool:
+    """Whether ``lif`` runs a multi-step forward that a unit can run again from a given membrane with the same
+    numbers (not where it records its membranes, nor spikingjelly 2's reduced-precision neurons)."""
+    return lif.step_mode == 'm' and not _stock_only(lif)
 
 
 _NEURON_CLASSES = {'spikingjelly': sj_neuron.LIFNode, 'fused': FusedLIFNode}
