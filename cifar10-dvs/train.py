@@ -1,10 +1,7 @@
 """Train or evaluate SGLFormer on CIFAR10-DVS: `python cifar10-dvs/train.py --T 10 --lr 5e-3 --data-path DIR` (see the README)."""
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # also works from a checkout without pip install
-
-from sglformer.training import main  # noqa: E402
+from sglformer.training import main
 
 if __name__ == '__main__':
     main(default_config=Path(__file__).with_name('cifar10-dvs.yml'), description=__doc__,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from timm.utils import unwrap_model
+from torch import nn
 
 from .files import write_atomically
 
@@ -27,7 +28,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, unsafe, or does not fit the model."""
 
 
-def read_checkpoint(path, map_location='cpu', mmap=False):
+def read_checkpoint(path, map_location='cpu', mmap: bool = False) -> dict:
     """Load a checkpoint file without unpickling arbitrary objects; with ``mmap`` its tensors are mapped from
     the file, not read (cheap where only the plain values are wanted)."""
     path = Path(path)
@@ -132,7 +133,8 @@ def _summary(keys, shown=4):
     return ', '.join(keys[:shown]) + more
 
 
-def load_checkpoint(model, path, strict=True, use_ema=False, drop_mismatched_head=False):
+def load_checkpoint(model: nn.Module, path, strict: bool = True, use_ema: bool = False,
+                    drop_mismatched_head: bool = False) -> dict:
     """Load a file's weights into ``model`` and return the whole checkpoint as read.
 
     Accepts a raw state dict, timm's CheckpointSaver files (``state_dict``; ``state_dict_ema`` with

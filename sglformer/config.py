@@ -32,7 +32,7 @@ class Config:
 
     __slots__ = ('_values', '_sources')
 
-    def __init__(self, values, sources=None):
+    def __init__(self, values: dict, sources: dict = None):
         object.__setattr__(self, '_values', dict(values))
         object.__setattr__(self, '_sources', dict(sources or {}))
 
@@ -48,14 +48,14 @@ class Config:
     def __repr__(self):
         return f'Config({self._values!r})'
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return dict(self._values)
 
-    def source(self, name):
+    def source(self, name: str):
         """``'the command line'``, a YAML file's path, or None for a default."""
         return self._sources.get(name)
 
-    def replace(self, **changes):
+    def replace(self, **changes) -> 'Config':
         return Config({**self._values, **changes}, self._sources)
 
 

@@ -180,7 +180,7 @@ class EnergyMeter:
         return hook
 
 
-def measure(model, batches, time_steps=None):
+def measure(model: nn.Module, batches, time_steps: int = None) -> 'EnergyMeter':
     """Run ``model`` in eval mode without gradients over ``batches`` (an iterable of inputs) under an
     :class:`EnergyMeter`; the model's train/eval mode is restored afterwards. Returns the meter."""
     parameter = next(model.parameters(), None)
@@ -197,7 +197,7 @@ def measure(model, batches, time_steps=None):
     return meter
 
 
-def summarize(meter, e_mac=E_MAC_PJ, e_ac=E_AC_PJ, nonbinary_as='ac'):
+def summarize(meter: 'EnergyMeter', e_mac: float = E_MAC_PJ, e_ac: float = E_AC_PJ, nonbinary_as: str = 'ac') -> dict:
     """The report of a meter as a JSON-ready dict; operation counts and energies are per image."""
     if nonbinary_as not in NONBINARY_CONVENTIONS:
         raise ValueError(f"nonbinary_as must be one of {', '.join(NONBINARY_CONVENTIONS)}, got {nonbinary_as!r}")
@@ -395,7 +395,7 @@ def refuse_unused_input_options(cfg, kind):
                               f'and it reads {INPUT_NAMES[kind]}: remove {them}')
 
 
-def main(argv=None):
+def main(argv: list = None) -> dict:
     """Run the command; returns the report. Expected problems end in one clear message (exit 2)."""
     setup_logging()
     try:
@@ -405,7 +405,7 @@ def main(argv=None):
         sys.exit(2)
 
 
-def report_energy(cfg):
+def report_energy(cfg) -> dict:
     """Check ``cfg`` for the command 'energy', build the model, load its weights, measure it on the
     chosen input, print the report and write the files asked for; returns the report."""
     kind = input_kind_of(cfg)

@@ -77,10 +77,11 @@ def _where_stopped(exc, argv):
 
 def _without_weights(flags):
     """``flags`` without the options that name weights to load."""
-    names, kept, skip = ('--resume', '--initial-checkpoint', '--initial_checkpoint', '--finetune'), [], False
+    kept, flags = [], iter(flags)
     for flag in flags:
-        if skip or flag.split('=')[0] in names:
-            skip = not skip and '=' not in flag
+        if flag.split('=')[0] in ('--resume', '--initial-checkpoint', '--initial_checkpoint', '--finetune'):
+            if '=' not in flag:
+                next(flags, None)  # its value
             continue
         kept.append(flag)
     return kept

@@ -1,6 +1,7 @@
 """Shared fixtures. Tests that need ../shared (goldens, manifests) skip with a reason where it is absent."""
 import contextlib
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 import sglformer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED = REPO_ROOT.parent / 'shared'
+SHARED = Path(os.environ.get('SGLFORMER_SHARED', REPO_ROOT.parent / 'shared'))  # the reference tensors
 
 # The model each dataset folder's train.py trains by default.
 FOLDER_MODELS = {

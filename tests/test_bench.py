@@ -1,12 +1,18 @@
-"""``python -m sglformer.bench``: variants side by side, their exactness against the baseline, memopt."""
+"""``python -m sglformer.bench``: variants side by side, their exactness against the baseline, memopt; and the
+GPU script, rehearsed on the CPU."""
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import timm
 import torch
 
+from conftest import REPO_ROOT
 from sglformer import bench
-from sglformer.neuron import spikingjelly_memopt
+from sglformer.neuron import STACK, spikingjelly_memopt
 
 SMALL = ['--model', 'sglformer_cifar10', '--batch', '2', '--dim', '48', '--num-heads', '4', '-T', '1',
          '--repeat', '1', '--warmup', '0']
@@ -43,15 +49,13 @@ def test_compare_reports_how_far_a_variant_is_off():
 
 def test_unit_inputs_tell_spikes_from_images():
     model = timm.create_model('sglformer_cifar10', embed_dims=48, num_heads=4, T=1)
-    kinds = bench.unit_inputs(model, torch.rand(2, 3, 32, 32))
-    assert kinds['stem.conv'] == 'real' and kinds['tokenizer.conv1'] == 'spikes'
-    assert kinds['blocks.0.loc.conv1x1_1'] in ('spikes', 'bytes')  # spikes plus spikes
-    assert bench._kind(torch.tensor([0.0, 3.0, 255.0])) == 'bytes' and bench._kind(torch.tensor([256.0])) == 'real'
+    spikes = bench.unit_inputs(model, torch.rand(2, 3, 32, 32))
+    assert spikes['stem.conv'] is False and spikes['tokenizer.conv1'] is True
 
 
 @needs_memopt
 def test_memopt_variants_are_exact(capsys):
-    report = bench.main(SMALL + ['--neuron', 'spikingjelly,memopt-checkpoint,memopt-bit,memopt-uint8,memopt-auto'])
+    report = bench.main(SMALL + ['--neuron', 'spikingjelly,memopt-checkpoint,memopt-bit,memopt-sparse,memopt-auto'])
     assert [row['exact'] for row in report['results']] == [True] * 5
     assert 'memopt-bit' in capsys.readouterr().out
 
@@ -61,3 +65,19 @@ def test_memopt_names_say_which_stack_has_them(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(['--neuron', 'spikingjelly,memopt-bit'])
     assert 'the memopt-* variants need spikingjelly 2' in capsys.readouterr().err
+
+
+def test_the_gpu_script_runs_every_stage_on_the_cpu(tmp_path):
+    """``bash bench/gpu.sh --dry-run``: what a GPU machine runs, at tiny sizes, with the installed stack."""
+    started = time.monotonic()
+    done = subprocess.run(['bash', str(REPO_ROOT / 'bench' / 'gpu.sh'), '--dry-run'], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, PYTHON=sys.executable, RESULTS=str(tmp_path),
+                                                WHEELS=str(tmp_path / 'no-wheels'), OMP_NUM_THREADS='1'))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert time.monotonic() - started < 180
+    stack = 'reference' if STACK.startswith('spikingjelly 0.') else 'sj2'
+    stages = json.loads((tmp_path / 'gpu.json').read_text())['stages']
+    assert stages == {'wheel': '0', f'install-{stack}': '0', f'goldens-{stack}-default': '0',
+                      f'bench-{stack}-cifar10': '0', f'bench-{stack}-imagenet': '0', 'torchrun': '0'}
+    table = (tmp_path / 'gpu.md').read_text()
+    assert table.count('| passed |') == 6 and 'peak at batch 32 (GB)' in table and '| fused | fused |' in table

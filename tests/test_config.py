@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from conftest import REPO_ROOT
-from sglformer.config import Config, ConfigError, check, parse_args
+from sglformer.config import Config, ConfigError, build_parser, check, parse_args
 
 FOLDER_FAMILIES = {'cifar10': 'cifar', 'cifar100': 'cifar', 'cifar10-dvs': 'events', 'dvs128-gesture': 'events',
                    'imagenet': 'imagenet'}
@@ -163,3 +163,46 @@ def test_a_config_is_read_only_and_knows_its_sources():
     assert cfg.source('lr').endswith('cifar10.yml') and cfg.source('momentum') is None
     changed = cfg.replace(epochs=5)
     assert (changed.epochs, cfg.epochs) == (5, 3) and isinstance(changed, Config)
+
+
+# Every flag of the authors' three parsers, in their spellings (their -c/--config is the CIFAR script's).
+AUTHORS_PARSERS = {
+    'cifar': '''-c --config --model -T --time-step -L --layer --num-classes --img-size --input-size --dim --num-heads
+        --patch-size --mlp-ratio --acratio -data-dir --dataset -d --train-split --val-split --pretrained
+        --initial-checkpoint --resume --no-resume-opt --gp --crop-pct --mean --std --interpolation -b --batch-size
+        -vb --val-batch-size --opt --opt-eps --opt-betas --momentum --weight-decay --clip-grad --clip-mode --sched
+        --lr --lr-noise --lr-noise-pct --lr-noise-std --lr-cycle-mul --lr-cycle-limit --warmup-lr --min-lr --epochs
+        --epoch-repeats --start-epoch --decay-epochs --warmup-epochs --cooldown-epochs --patience-epochs
+        --decay-rate --dr --no-aug --scale --ratio --hflip --vflip --color-jitter --aa --aug-splits --jsd --reprob
+        --remode --recount --resplit --mixup --cutmix --cutmix-minmax --mixup-prob --mixup-switch-prob
+        --mixup-mode --mixup-off-epoch --smoothing --train-interpolation --drop --drop-connect --drop-path
+        --drop-block --bn-tf --bn-momentum --bn-eps --sync-bn --dist-bn --split-bn --model-ema
+        --model-ema-force-cpu --model-ema-decay --seed --log-interval --recovery-interval --checkpoint-hist -j
+        --workers --save-images --amp --apex-amp --native-amp --channels-last --pin-mem --no-prefetcher --output
+        --experiment --eval-metric --tta --local_rank --use-multi-epochs-loader --torchscript --log-wandb''',
+    'events': '''--model --dataset --num-classes --data-path --device -b --batch-size -j --workers --print-freq
+        --output-dir --resume --sync-bn --test-only --amp --world-size --dist-url --tb --T --opt --opt-eps
+        --opt-betas --weight-decay --momentum --connect_f --T_train --sched --lr --lr-noise --lr-noise-pct
+        --lr-noise-std --lr-cycle-mul --lr-cycle-limit --warmup-lr --min-lr --epochs --epoch-repeats
+        --start-epoch --decay-epochs --warmup-epochs --cooldown-epochs --patience-epochs --decay-rate --dr
+        --smoothing --mixup --cutmix --cutmix-minmax --mixup-prob --mixup-switch-prob --mixup-mode
+        --mixup-off-epoch''',
+    'imagenet': '''--batch_size --epochs --accum_iter --model --input_size --drop_path --clip_grad --weight_decay --lr
+        --blr --layer_decay --min_lr --warmup_epochs --color_jitter --aa --smoothing --reprob --remode --recount
+        --resplit --mixup --cutmix --cutmix_minmax --mixup_prob --mixup_switch_prob --mixup_mode --finetune
+        --global_pool --cls_token --data_path --nb_classes --print_freq --output_dir --log_dir --device --seed
+        --resume --start_epoch --eval --dist_eval --num_workers --pin_mem --no_pin_mem --world_size --local_rank
+        --dist_on_itp --dist_url''',
+}
+
+
+@pytest.mark.parametrize('family', AUTHORS_PARSERS)
+def test_every_flag_of_the_authors_parsers_is_taken_and_documented(family):
+    """Their command lines parse here (no argparse error, no abbreviation), and compatibility.md says what
+    each of their flags does here."""
+    known = set(build_parser(None)._option_string_actions)  # the exact spellings the parser takes
+    section = (REPO_ROOT / 'docs' / 'compatibility.md').read_text().split('## Every flag of their scripts')[1]
+    table = section.split('\n### ')[1 + list(AUTHORS_PARSERS).index(family)].split('\n## ')[0]
+    for flag in AUTHORS_PARSERS[family].split():
+        assert flag in known, flag
+        assert f'`{flag}`' in table, flag

@@ -10,7 +10,8 @@ import torch
 
 from conftest import FOLDER_MODELS, REPO_ROOT
 from sglformer import bench, energy
-from sglformer.config import OPTIONS, check, parse_args
+from sglformer.config import check, parse_args
+from sglformer.options import OPTIONS
 from sglformer.data import dataset_family
 from sglformer.neuron import KNOWN_BACKENDS, NEURON_BACKENDS, STACK, spikingjelly_memopt
 
@@ -137,3 +138,34 @@ def test_no_function_of_the_package_is_longer_than_60_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long.append(f'{path.name}:{node.name}')
     assert not long
+
+
+def test_no_module_of_the_package_is_longer_than_450_lines():
+    assert [p.name for p in (REPO_ROOT / 'sglformer').rglob('*.py') if len(p.read_text().splitlines()) > 450] == []
+
+
+def package_imports(path):
+    """The top-level modules of the package that the file ``path`` of it imports."""
+    here = path.relative_to(REPO_ROOT / 'sglformer').parts[:-1]  # the file's package, as a path from sglformer
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            target = here[:len(here) - node.level + 1] + tuple((node.module or '').split('.'))
+            names = [target[0]] if target and target[0] else [alias.name for alias in node.names]
+            found.update(name for name in names if name)
+    return found
+
+
+def test_the_map_of_where_things_live_is_the_code():
+    table = (REPO_ROOT / 'docs' / 'architecture.md').read_text().split('## Where things live')[1].split('\n## ')[0]
+    allowed = {}
+    for row in re.findall(r'^\| `(\w+)` \|.*\| ([\w, -]+) \|$', table, re.M):
+        allowed[row[0]] = {name.strip() for name in row[1].split(',') if name.strip() != '-'}
+    modules = {p.relative_to(REPO_ROOT / 'sglformer').parts[0].removesuffix('.py'): p
+               for p in sorted((REPO_ROOT / 'sglformer').rglob('*.py')) if p.name != '__init__.py' or p.parent.name != 'sglformer'}
+    assert sorted(allowed) == sorted(modules)  # every module in the map, and nothing else
+    for name in modules:
+        files = (REPO_ROOT / 'sglformer').glob(f'{name}/**/*.py') if (REPO_ROOT / 'sglformer' / name).is_dir() else [
+            REPO_ROOT / 'sglformer' / f'{name}.py']
+        imported = set().union(*(package_imports(path) for path in files)) - {name}
+        assert imported <= allowed[name], (name, sorted(imported - allowed[name]))

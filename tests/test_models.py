@@ -24,12 +24,14 @@ GRAD_TOL = 1e-4
 DEVICE = torch.device(os.environ.get('SGLFORMER_TEST_DEVICE', 'cpu'))
 if DEVICE.type == 'cuda':
     torch.backends.cudnn.allow_tf32 = False
-# (neuron implementation, spikingjelly backend) for the goldens: every implementation must match them.
-# 'auto' is spikingjelly's fastest on the device: its Torch code on the CPU; on CUDA CuPy (0.0.0.0.14)
-# or spikingjelly 2's own kernels.
-NEURONS = [pytest.param('spikingjelly', 'auto', id='spikingjelly'), pytest.param('fused', 'auto', id='fused')]
+# (neuron implementation, spikingjelly backend, units recomputing) for the goldens: every implementation
+# must match them. 'auto' is spikingjelly's fastest on the device: its Torch code on the CPU; on CUDA CuPy
+# (0.0.0.0.14) or spikingjelly 2's own kernels.
+NEURONS = [pytest.param('spikingjelly', 'auto', False, id='spikingjelly'),
+           pytest.param('spikingjelly', 'auto', True, id='spikingjelly-recompute'),
+           pytest.param('fused', 'auto', True, id='fused')]
 if DEVICE.type == 'cuda' and 'cupy' in NEURON_BACKENDS:
-    NEURONS.append(pytest.param('spikingjelly', 'torch', id='spikingjelly-torch'))
+    NEURONS.append(pytest.param('spikingjelly', 'torch', True, id='spikingjelly-torch-recompute'))
 
 
 def relative_error(actual, reference):
@@ -37,11 +39,12 @@ def relative_error(actual, reference):
     return ((actual.double() - reference.double()).abs().max() / max(1.0, reference.abs().max().item())).item()
 
 
-@pytest.mark.parametrize('neuron, backend', NEURONS)
+@pytest.mark.parametrize('neuron, backend, recompute', NEURONS)
 @pytest.mark.parametrize('path', shared_files('golden', '*.pt'))
-def test_golden(path, neuron, backend):
+def test_golden(path, neuron, backend, recompute):
     golden = torch.load(path, weights_only=True)
-    model = timm.create_model(GOLDEN_MODELS[golden['arch']], neuron=neuron, neuron_backend=backend, **golden['kwargs'])
+    model = timm.create_model(GOLDEN_MODELS[golden['arch']], neuron=neuron, neuron_backend=backend,
+                              recompute=recompute, **golden['kwargs'])
     model.load_state_dict(golden['state_dict'], strict=True)
     assert sglformer.count_parameters(model) == golden['n_params']
     model.to(DEVICE)
