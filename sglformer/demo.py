@@ -32,13 +32,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--folder', default='demo', help='where the synthetic data and the runs go')
     parser.add_argument('--epochs', type=int, default=5)
-    args = parser.parse_args(argv)
+    cfg = parser.parse_args(argv)
     setup_logging()
     timings = []
     with timed('parameter table (12 variants, built without memory)', timings):
         print(markdown_table(parameter_rows()), flush=True)
 
-    folder = Path(args.folder)
+    folder = Path(cfg.folder)
     shutil.rmtree(folder / 'runs', ignore_errors=True)  # the demo's own runs, so that it can run again
     data = folder / 'data'
     with timed('synthetic CIFAR-10 (400 training, 100 test images)', timings):
@@ -47,8 +47,8 @@ def main(argv=None):
     common = ['-c', str(recipe), '--data-dir', str(data), *SMALL_MODEL,
               '--workers', '0', '--no-download', '--output', str(folder / 'runs')]
     # The paper's recipe, shortened: no warm-up or cool-down, no mixup or heavy augmentation, a higher lr.
-    with timed(f'training, {args.epochs} epochs', timings):
-        train_main(common + ['--experiment', 'train', '--epochs', str(args.epochs), '--warmup-epochs', '0',
+    with timed(f'training, {cfg.epochs} epochs', timings):
+        train_main(common + ['--experiment', 'train', '--epochs', str(cfg.epochs), '--warmup-epochs', '0',
                              '--cooldown-epochs', '0', '-b', '32', '--lr', '5e-3', '--mixup', '0', '--aa', '',
                              '--reprob', '0'])
     best = folder / 'runs' / 'train' / 'model_best.pth.tar'

@@ -222,9 +222,9 @@ def build_variant(model_cls, defaults, pretrained=False, **kwargs):
     if pretrained:
         raise ValueError('SGLFormer weights are not downloaded automatically; build the model with '
                          'pretrained=False and load a file with sglformer.load_checkpoint(model, path)')
-    args = dict(defaults)
-    args.update({k: v for k, v in kwargs.items() if k not in IGNORED_KWARGS})
-    return model_cls(**args)
+    arguments = dict(defaults)
+    arguments.update({k: v for k, v in kwargs.items() if k not in IGNORED_KWARGS})
+    return model_cls(**arguments)
 
 
 def count_parameters(model: nn.Module) -> int:

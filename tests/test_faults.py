@@ -185,6 +185,18 @@ def start(command, **kwargs):
                             stdout=subprocess.DEVNULL, **kwargs)
 
 
+def two_processes(command, timeout):
+    """``(exit statuses, error outputs)`` of the two processes of a two-process gloo run of ``command``."""
+    env = dict(MASTER_ADDR='127.0.0.1', MASTER_PORT=free_port(), WORLD_SIZE='2')
+    ranks = [start(command, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in (0, 1)]
+    try:
+        errs = [process.communicate(timeout=timeout)[1] for process in ranks]
+    finally:
+        for process in ranks:
+            process.kill()
+    return [process.returncode for process in ranks], errs
+
+
 @pytest.mark.parametrize('sent, status', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupt_prints_one_line_with_the_resume_command(tmp_path, cifar, sent, status):
     command = [sys.executable, str(REPO_ROOT / 'cifar10' / 'train.py'), '--data-dir', str(cifar / 'c10'), *SMALL,
@@ -229,18 +241,12 @@ def test_a_stopped_process_0_is_reported_by_the_others_within_the_timeout(tmp_pa
 
 def test_rank_0_failing_to_prepare_event_data_ends_the_others_at_once(tmp_path):
     (tmp_path / 'events_np' / 'airplane').mkdir(parents=True)  # a class folder without samples
-    env = dict(MASTER_ADDR='127.0.0.1', MASTER_PORT=free_port(), WORLD_SIZE='2')
     command = [sys.executable, str(REPO_ROOT / 'cifar10-dvs' / 'train.py'), '--data-path', str(tmp_path), '--dim',
                '48', '--num-heads', '4', '--T', '2', '-b', '2', '-j', '0', '--device', 'cpu', '--output-dir',
                str(tmp_path / 'out')]
     began = time.monotonic()
-    ranks = [start(command, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in (0, 1)]
-    try:
-        errs = [process.communicate(timeout=120)[1] for process in ranks]
-    finally:
-        for process in ranks:
-            process.kill()
-    assert [process.returncode for process in ranks] == [2, 2]
+    statuses, errs = two_processes(command, timeout=120)
+    assert statuses == [2, 2]
     assert 'has class folders without .npz files: airplane' in errs[0]
     assert 'process 0 could not prepare the data:' in errs[1] and 'airplane' in errs[1]
     assert time.monotonic() - began < 60  # not the 30 minutes of the default timeout
@@ -255,18 +261,12 @@ def test_unreadable_samples_count_over_all_processes(tmp_path):
     for shard in shards:  # two in each process's shard of the first epoch: three in all are allowed
         for index in shard[:2]:
             truncate_file(samples[index][0])
-    env = dict(MASTER_ADDR='127.0.0.1', MASTER_PORT=free_port(), WORLD_SIZE='2')
     command = [sys.executable, str(REPO_ROOT / 'imagenet' / 'train.py'), '--data_path', str(data), '--model',
                'sglformer_ima_8_384', '--dim', '48', '--num-heads', '4', '--layer', '3', '-T', '1', '--input_size',
                '32', '--nb_classes', '2', '--num_workers', '0', '--device', 'cpu', '--batch_size', '2', '--epochs',
                '1', '--warmup_epochs', '0', '--max-unreadable-samples', '3', '--output_dir', str(tmp_path / 'run')]
-    ranks = [start(command, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in (0, 1)]
-    try:
-        errs = [process.communicate(timeout=300)[1] for process in ranks]
-    finally:
-        for process in ranks:
-            process.kill()
-    assert [process.returncode for process in ranks] == [2, 2], errs[0][-2000:]
+    statuses, errs = two_processes(command, timeout=300)
+    assert statuses == [2, 2], errs[0][-2000:]
     assert '[4/4]' in errs[0]  # each process alone stayed within the limit, the two together did not
     assert re.search(r'skipped [45] unreadable training samples of imagenet together, more than '
                      r'max_unreadable_samples \(3\)', errs[0]), errs[0][-2000:]

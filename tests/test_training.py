@@ -127,16 +127,24 @@ def test_cifar_batches_are_mixed_as_uint8_then_normalised_and_erased_as_timms_pr
     assert erased.any(dim=(1, 2)).all() and ours[1].shape == (cfg.batch_size, 10)
 
 
-@pytest.mark.parametrize('folder, amp, eval_amp', [('cifar10', True, True), ('imagenet', True, True),
-                                                   ('cifar10-dvs', True, False), ('dvs128-gesture', True, False)])
-def test_each_folder_evaluates_in_the_authors_precision(monkeypatch, folder, amp, eval_amp):
-    """The DVS scripts train under autocast and evaluate in float32; the CIFAR and ImageNet ones do both
-    under autocast. (Resolved as if on a GPU: on the CPU neither applies.)"""
+@pytest.mark.parametrize('folder, amp, eval_amp, benchmark, deterministic, pin_memory', [
+    ('cifar10', True, True, True, False, False), ('imagenet', True, True, True, False, True),
+    ('cifar10-dvs', True, False, False, True, True), ('dvs128-gesture', True, False, False, True, True)])
+def test_each_folder_runs_in_the_authors_precision_and_gpu_settings(monkeypatch, folder, amp, eval_amp, benchmark,
+                                                                    deterministic, pin_memory):
+    """The DVS scripts train under autocast and evaluate in float32, with deterministic cuDNN; the CIFAR and
+    ImageNet ones do both under autocast, with cuDNN's benchmark mode. (Resolved as if on a GPU: on the CPU
+    autocast applies only where --amp is given, and memory is not pinned.)"""
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(training, 'choose_neuron', lambda *args: NeuronChoice('fused', None, 'no GPU to probe'))
-    options = parse_args(['--device', 'cuda'], REPO_ROOT / folder / f'{folder}.yml')
-    cfg = training.resolve(options, DistInfo())
-    assert (cfg.amp, cfg.eval_amp) == (amp, eval_amp)
+    recipe = REPO_ROOT / folder / f'{folder}.yml'
+    cfg = training.resolve(parse_args(['--device', 'cuda'], recipe), DistInfo())
+    assert (cfg.amp, cfg.eval_amp, cfg.cudnn_benchmark, cfg.cudnn_deterministic, cfg.pin_mem) == (
+        amp, eval_amp, benchmark, deterministic, pin_memory)
+    on_cpu = training.resolve(parse_args(['--device', 'cpu'], recipe), DistInfo())
+    assert (on_cpu.amp, on_cpu.eval_amp, on_cpu.pin_mem) == (False, False, False)
+    asked = training.resolve(parse_args(['--device', 'cpu', '--amp'], recipe), DistInfo())
+    assert (asked.amp, asked.eval_amp) == (amp, eval_amp)
 
 
 def test_training_and_evaluation_take_their_own_precision(monkeypatch):
