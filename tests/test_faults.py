@@ -201,7 +201,9 @@ def two_processes(command, timeout):
 def test_an_interrupt_prints_one_line_with_the_resume_command(tmp_path, cifar, sent, status):
     command = [sys.executable, str(REPO_ROOT / 'cifar10' / 'train.py'), '--data-dir', str(cifar / 'c10'), *SMALL,
                '--epochs', '50', '--output', str(tmp_path), '--experiment', 'run']
-    process = start(command)
+    # A background job of a shell starts with SIGINT ignored, and Python keeps it so: give the run the
+    # disposition of a terminal's foreground process, whatever started the suite.
+    process = start(command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         while not (tmp_path / 'run' / 'last.pth.tar').exists():
             assert process.poll() is None, process.stderr.read()[-2000:]
