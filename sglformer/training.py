@@ -208,15 +208,16 @@ def train(cfg, model, dist):
 def fit(cfg, trainer, train_batches, eval_batches, folder, start_epoch):
     """Train and evaluate every epoch from ``start_epoch``; the main process (the one with the run
     ``folder``) logs and saves. Returns the best epoch's ``{'top1', 'top5', 'epoch'}`` on the main process."""
-    for epoch in range(start_epoch, trainer.schedule.num_epochs):
-        try:
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, trainer.schedule.num_epochs):
             metrics, train_metrics = _epoch(cfg, trainer, train_batches, eval_batches, epoch, folder)
-        except KeyboardInterrupt as exc:
-            exc.epoch, exc.last = epoch, folder and folder.last  # for the one line that main prints
-            raise
-        if folder is not None:
-            record_epoch(trainer, folder, epoch, train_metrics, metrics)
-        barrier()
+            if folder is not None:
+                record_epoch(trainer, folder, epoch, train_metrics, metrics)
+            barrier()
+    except KeyboardInterrupt as exc:  # also while an epoch is recorded: its checkpoint may be there already
+        exc.epoch, exc.last = epoch, folder and folder.last  # for the one line that main prints
+        raise
     return folder.best if folder is not None else None
 
 

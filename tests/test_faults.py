@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
 from conftest import REPO_ROOT, free_port, train_script
+from sglformer import training
 from sglformer.checkpoint import read_checkpoint
 from sglformer.data import event_files
 from sglformer.testing import truncate_file, write_events_np, write_image_folder, write_synthetic_cifar
@@ -218,6 +220,24 @@ def test_an_interrupt_prints_one_line_with_the_resume_command(tmp_path, cifar, s
     assert ('stopped by SIGTERM during epoch ' if sent == signal.SIGTERM else 'interrupted during epoch ') in line
     continued = shlex.split(line.split('Continue with: ')[1])
     assert continued[1:] == [*command[1:], '--resume', str(tmp_path / 'run' / 'last.pth.tar')]
+
+
+def test_a_signal_while_an_epoch_is_recorded_names_that_epoch_and_its_checkpoint(tmp_path, monkeypatch):
+    """The signal may arrive after an epoch's checkpoint is written and before the next epoch starts."""
+    last = tmp_path / 'last.pth.tar'
+    last.write_bytes(b'checkpoint')
+
+    def record_epoch(trainer, folder, epoch, train_metrics, metrics):
+        if epoch == 2:
+            training._stop(signal.SIGTERM, None)
+
+    monkeypatch.setattr(training, '_epoch', lambda *args: ({}, {}))
+    monkeypatch.setattr(training, 'record_epoch', record_epoch)
+    trainer = SimpleNamespace(schedule=SimpleNamespace(num_epochs=5))
+    with pytest.raises(training.Stopped) as stopped:
+        training.fit(None, trainer, None, None, SimpleNamespace(last=last), 1)
+    line = training._where_stopped(stopped.value, ['-c', 'run.yml'])
+    assert line.startswith('stopped by SIGTERM during epoch 2; ') and line.endswith(f'-c run.yml --resume {last}')
 
 
 def test_a_stopped_process_0_is_reported_by_the_others_within_the_timeout(tmp_path, cifar):
