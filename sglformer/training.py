@@ -26,7 +26,7 @@ from .files import write_atomically, writing
 from .logs import setup_logging
 from .neuron import SPIKINGJELLY_VERSION, choose_neuron
 from .optim import Schedule, absolute_lr, build_optimizer
-from .options import RUNS
+from .options import OPTIONS_BY_NAME, RUNS
 from .run_folder import RunFolder, run_folder_path
 
 _logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _without_weights(flags):
     """``flags`` without the options that name weights to load."""
     kept, flags = [], iter(flags)
     for flag in flags:
-        if flag.split('=')[0] in ('--resume', '--initial-checkpoint', '--initial_checkpoint', '--finetune'):
+        if flag.split('=')[0] in (*OPTIONS_BY_NAME['resume'].flags, *OPTIONS_BY_NAME['initial_checkpoint'].flags):
             if '=' not in flag:
                 next(flags, None)  # its value
             continue
