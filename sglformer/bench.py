@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .build import EXPECTED_ERRORS, create_model, synthetic_batches
+from .build import EXPECTED_ERRORS, build_model, resolve_device, synthetic_batches
+from .config import Config
+from .files import write_file
 from .layers import ConvBNLIF, PatchEmbed, TokenMLP, TokenSelfAttention
 from .logs import setup_logging
 from .neuron import NEURON_BACKENDS, STACK, choose_neuron, spikingjelly_memopt
@@ -289,11 +291,11 @@ def _timings(runners, images, labels, cfg, device):
 
 def run(cfg) -> dict:
     """Benchmark ``cfg.neurons`` on ``cfg.model``; returns the report (see :func:`format_report`)."""
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    base = create_model(cfg).to(device)
+    base = build_model(Config(vars(cfg)).replace(device=device))
     images, labels = _inputs(cfg, base, device)
     runners = [Runner(name, copy.deepcopy(base), cfg.amp, images) for name in cfg.neurons]
     started = conditions(device)
@@ -430,14 +432,13 @@ def main(argv: list = None) -> dict:
     cfg = parse_args(argv)
     try:
         report = run(cfg)
+        print(format_report([report]))
+        if cfg.json:
+            write_file(cfg.json, json.dumps(report, indent=2).encode())
+            _logger.info('wrote %s', cfg.json)
     except EXPECTED_ERRORS as exc:
         _logger.error('error: %s', exc)
         sys.exit(2)
-    print(format_report([report]))
-    if cfg.json:
-        with open(cfg.json, 'w') as out:
-            json.dump(report, out, indent=2)
-        _logger.info('wrote %s', cfg.json)
     return report
 
 

@@ -55,7 +55,7 @@ def build_model(cfg):
     except (ValueError, RuntimeError) as exc:
         sizes = ', '.join(f'{name}={getattr(cfg, name)}' for name in
                           ('dim', 'num_heads', 'layer', 'time_step', 'mlp_ratio', 'img_size', 'num_classes')
-                          if getattr(cfg, name) is not None)
+                          if getattr(cfg, name, None) is not None)
         raise ConfigError(f'{cfg.model} cannot be built with these options ({sizes or "its defaults"}): {exc}') from None
     return create_model(cfg).to(cfg.device)
 
@@ -66,14 +66,22 @@ def model_family(name):
         return create_model(Config({'model': name})).family
 
 
-def resolve_device(requested, dist):
+def resolve_device(requested, dist=None):
     """The device of this process: ``requested`` (default: CUDA where available), on a multi-GPU run
-    the process's own GPU."""
-    device = torch.device(requested or default_device())
+    (``dist``) the process's own GPU. A device this machine lacks is a :class:`ConfigError`."""
+    try:
+        device = torch.device(requested or default_device())
+    except RuntimeError:
+        raise ConfigError(f'--device {requested!r} is not a device name: use cpu, cuda or cuda:N') from None
+    if device.type not in ('cpu', 'cuda'):
+        raise ConfigError(f'--device {requested}: SGLFormer runs on cpu or cuda devices')
     if device.type == 'cuda':
         if not torch.cuda.is_available():
             raise ConfigError(f'--device {requested}: CUDA is not available on this machine; use --device cpu')
-        if dist.enabled:
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f'--device {requested}: this machine has {torch.cuda.device_count()} CUDA devices, '
+                              f'cuda:0 to cuda:{torch.cuda.device_count() - 1}')
+        if dist is not None and dist.enabled:
             device = torch.device('cuda', dist.local_rank)
     return device
 

@@ -97,24 +97,24 @@ def load_state_dict(model, state_dict, strict=True, drop_mismatched_head=False, 
         dropped = [k for k, v in state_dict.items()
                    if k.startswith(head_name + '.') and k in own and own[k].shape != v.shape]
         state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
-    mismatched = [f'{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}'
-                  for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state_dict and k not in dropped]
     unexpected = [k for k in state_dict if k not in own]
     if mismatched or (strict and (missing or unexpected)):
+        steps = 'full_size_conv.weight'  # the STB head's kernel spans the T time steps
+        if mismatched == [steps] and not (missing or unexpected):
+            raise CheckpointError(f'{source} was trained with T={state_dict[steps].shape[-1]} time steps and this model '
+                                  f'has T={own[steps].shape[-1]} (its STB head spans exactly T steps): pass '
+                                  f'-T {state_dict[steps].shape[-1]}')
+        shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}' for k in mismatched]
         problems = [f'{len(keys)} {what}: {_summary(keys)}'
-                    for what, keys in (('with another shape', mismatched), ('missing', missing),
+                    for what, keys in (('with another shape', shapes), ('missing', missing),
                                        ('unexpected', unexpected)) if keys]
         hint = ('; is it a checkpoint of another variant or size? Build the model with the same '
                 'arguments it was trained with')
         head_prefix = _classifier_name(model) + '.'
         if mismatched and all(k.startswith(head_prefix) for k in mismatched) and not (missing or unexpected):
             hint += ', or drop the classifier head to fine-tune on another class count'
-        steps = 'full_size_conv.weight'  # the STB head's kernel spans the T time steps
-        if steps in own and steps in state_dict and own[steps].shape[-1] != state_dict[steps].shape[-1]:
-            raise CheckpointError(f'{source} was trained with T={state_dict[steps].shape[-1]} time steps and this model '
-                                  f'has T={own[steps].shape[-1]} (its STB head spans exactly T steps): pass '
-                                  f'-T {state_dict[steps].shape[-1]}')
         raise CheckpointError(f'{source} does not fit {type(model).__name__}:\n  ' + '\n  '.join(problems) + hint)
     model.load_state_dict(state_dict, strict=False)
     return dropped

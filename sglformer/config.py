@@ -119,7 +119,7 @@ def read_config_file(path):
     """The option values of a YAML file, by canonical name."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f'config file {path} not found')
+        raise ConfigError(f"config file {path} {'is a folder' if path.is_dir() else 'not found'}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -237,9 +237,12 @@ def _check_combinations(cfg, command, family):
         problems.append(f"'patch_size' is {cfg.patch_size}{_where(cfg, 'patch_size')}, but the tokenizer of the "
                         f'{family} models has a total stride of {PATCH_SIZES[family]}: remove patch_size')
     if command == 'train':
-        if cfg.sched == 'halfcos':
-            problems += [f"'{name}' does not apply to sched halfcos (a linear warm-up from 0)"
-                         for name in ('warmup_lr', 'cooldown_epochs') if cfg.source(name)]
+        for name in ('warmup_lr', 'cooldown_epochs') if cfg.sched == 'halfcos' else ():
+            if cfg.source(name) == COMMAND_LINE:
+                problems.append(f"'{name}' does not apply to sched halfcos (a linear warm-up from 0, no cool-down)")
+            elif cfg.source(name):  # a YAML file written for another schedule
+                _logger.warning("'%s'%s has no effect with sched halfcos (a linear warm-up from 0, no cool-down)",
+                                name, _where(cfg, name))
         if cfg.lr is not None and cfg.blr is not None and cfg.source('blr'):
             problems.append(f"both lr ({cfg.lr:g}) and blr ({cfg.blr:g}) are set and lr would win: set lr to null to "
                             'use blr, or pass --lr')
@@ -260,6 +263,10 @@ def _check_combinations(cfg, command, family):
                             'spanning exactly T time steps, so the model cannot train on other frame counts than it is '
                             f"evaluated on (the authors' script fails the same way); pass --T {cfg.T_train} to train "
                             f'and evaluate on {cfg.T_train} frames')
+    for name in ('scale', 'ratio', 'cutmix_minmax'):  # (min, max) pairs; cutmix draws from between them
+        low, high = getattr(cfg, name) or (0, 1)
+        if low > high or (name == 'cutmix_minmax' and low == high):
+            problems.append(f"'{name}' is a (min, max) range, got {getattr(cfg, name)}{_where(cfg, name)}")
     if cfg.resume and cfg.initial_checkpoint:
         problems.append('both resume and initial_checkpoint are set: pass one')
     if command == 'eval' and not (cfg.resume or cfg.initial_checkpoint):

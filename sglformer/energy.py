@@ -6,6 +6,7 @@ residual sums of spikes are counted, what is left out) and the command's options
 command wraps them with model building, inputs, a table, a JSON file and a bar chart.
 """
 import argparse
+import io
 import itertools
 import json
 import logging
@@ -22,6 +23,7 @@ from .config import COMMAND_LINE, ConfigError, check
 from .config import parse_args as parse_options
 from .data import build_datasets, build_eval_batches, dataset_family
 from .distributed import DistInfo
+from .files import write_file
 from .layers import SpikeAttention, kv_first
 from .logs import setup_logging
 from .neuron import is_lif
@@ -33,8 +35,6 @@ E_AC_PJ = 0.9
 NONBINARY_CONVENTIONS = ('ac', 'mac')
 SYNAPTIC_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 PJ_TO_MJ = 1e-9
-
-
 KIND_ORDER = ('spikes', 'counts', 'real')  # a layer's kind is the widest its inputs ever had
 
 
@@ -274,7 +274,7 @@ def format_report(report):
 
 
 def plot_firing_rates(report, path):
-    """A horizontal bar chart of every neuron's firing rate (bars) and its per-step rates (dots)."""
+    """A horizontal bar chart of every neuron's firing rate (bars) and its per-step rates (dots), as a PNG file."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -293,16 +293,20 @@ def plot_firing_rates(report, path):
                  f"{report['totals']['energy_mj']:.4f} mJ per image", fontsize=9)
     ax.legend(fontsize=7, loc='lower right')
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format='png', dpi=120)
     plt.close(fig)
+    write_file(path, image.getvalue())
 
 
 def tensor_batches(path, batches, batch_size):
     """Batches of the inputs saved in ``path`` (one tensor, samples along the first dimension)."""
     try:
         inputs = torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f'--input {path}: no such file') from None
+    except OSError as exc:
+        raise ConfigError(f'--input {path}: {exc.strerror}') from None
+    except Exception as exc:  # not a torch.save file, truncated, or holding Python objects
+        raise ConfigError(f'--input {path} is not a torch.save file of one tensor: {str(exc).strip()[:200]}') from None
     if not isinstance(inputs, torch.Tensor):
         raise ConfigError(f'{path} holds a {type(inputs).__name__}; save one tensor of inputs with torch.save')
     chunks = inputs.split(batch_size)[:batches]
@@ -412,7 +416,7 @@ def report_energy(cfg) -> dict:
     refuse_unused_input_options(cfg, kind)
     family = dataset_family(cfg.dataset) if kind == 'dataset' else model_family(cfg.model)
     check(cfg, 'energy', family)
-    device = resolve_device(cfg.device, DistInfo())
+    device = resolve_device(cfg.device)
     cfg = cfg.replace(device=str(device))
     model = build_model(cfg)
     weights = cfg.resume or cfg.initial_checkpoint
@@ -433,7 +437,7 @@ def report_energy(cfg) -> dict:
     report = dict(model=cfg.model, checkpoint=weights, input=source, **report)
     print(format_report(report))
     if cfg.json:
-        cfg.json.write_text(json.dumps(report, indent=1))
+        write_file(cfg.json, json.dumps(report, indent=1).encode())
         _logger.info('wrote %s', cfg.json)
     if cfg.png:
         plot_firing_rates(report, cfg.png)

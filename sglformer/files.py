@@ -54,6 +54,13 @@ def write_atomically(path, write):
     sync_folder(path.parent)
 
 
+def write_file(path, data: bytes):
+    """``data`` written to ``path`` (its folders made) by :func:`write_atomically`; a failure is one
+    :class:`WriteError`."""
+    with writing(path, len(data)):
+        write_atomically(path, lambda f: f.write(data))
+
+
 def sync_folder(folder):
     """Flush a folder's entries (renames, new links) to the disk, so that they survive a power cut."""
     handle = os.open(folder, os.O_RDONLY)

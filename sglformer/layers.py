@@ -130,6 +130,15 @@ def conv1x1(in_channels, out_channels):
     return ConvBNLIF(in_channels, out_channels, 1)
 
 
+def mlp_hidden(dim, mlp_ratio):
+    """The hidden width of a block's MLP: ``int(dim * mlp_ratio)``, as the authors round it."""
+    hidden = int(dim * mlp_ratio)
+    if hidden < 1:
+        raise ValueError(f'mlp_ratio {mlp_ratio} x dim {dim} leaves the MLP no hidden channels: choose a larger '
+                         'mlp_ratio')
+    return hidden
+
+
 class MLP(nn.Module):
     """Two 1x1 spiking convolutions, ``mlp1`` and ``mlp2``; the caller adds the residual."""
 
@@ -215,7 +224,7 @@ class SpikingTransformer(nn.Module):
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0):
         super().__init__()
-        hidden = int(dim * mlp_ratio)
+        hidden = mlp_hidden(dim, mlp_ratio)
         self.loc = LocalBlock(dim)
         self.ssa1 = SpikingSelfAttention(dim, num_heads, partition_size=2)
         self.mlp1 = MLP(dim, hidden)
@@ -240,7 +249,7 @@ class ImageNetLocalStage(nn.Module):
         super().__init__()
         self.local1 = LocalBlock(dim)
         self.local2_SSA = SpikingSelfAttention(dim, num_heads, partition_size=2)
-        self.local2_MLP = MLP(dim, int(dim * mlp_ratio))
+        self.local2_MLP = MLP(dim, mlp_hidden(dim, mlp_ratio))
 
     def forward(self, x):
         x = memory.counts(x + self.local1(x))
@@ -312,7 +321,7 @@ class GlobalBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = TokenSelfAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = TokenMLP(dim, int(dim * mlp_ratio))
+        self.mlp = TokenMLP(dim, mlp_hidden(dim, mlp_ratio))
         for norm in (self.norm1, self.norm2):
             norm.requires_grad_(False)
 

@@ -11,6 +11,7 @@ RUNS = ('train', 'eval')
 IMAGES = ('cifar', 'imagenet')
 PATCH_SIZES = {'cifar': 4, 'imagenet': 16, 'events': 16}  # the tokenizers' total strides
 SGD_LIKE = ('sgd', 'nesterov', 'momentum', 'sgdp', 'rmsprop', 'rmsproptf', 'lars', 'lamb')
+INTERPOLATIONS = ('bicubic', 'bilinear', 'nearest', 'box', 'hamming', 'lanczos')  # timm's names of PIL's filters
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ OPTIONS = (
          help='normalisation std (default: ImageNet\'s)'),
     _opt('crop_pct', '--crop-pct', '--crop_pct', type=float, range=SHARE, families=IMAGES,
          help='evaluation: resize to img_size / crop_pct, then centre crop (default 0.875)'),
-    _opt('interpolation', '--interpolation', default='bicubic', families=IMAGES),
+    _opt('interpolation', '--interpolation', default='bicubic', choices=INTERPOLATIONS, families=IMAGES,
+         help='evaluation resize filter'),
     _opt('train_split', '--train-split', '--train_split', default='train', choices=('train', 'training'),
          families=('cifar',), help="the authors' timm flag: CIFAR trains on its training split"),
     _opt('val_split', '--val-split', '--val_split', default='validation', choices=('validation', 'val', 'test'),
@@ -111,7 +113,8 @@ OPTIONS = (
     _opt('prefetcher', '--prefetcher', type=bool, default=True, families=('cifar',),
          help="timm's prefetcher: mixup on uint8 images, then normalisation and erasing of the batch on the device "
               '(--no-prefetcher: per image, mixup on the normalised batch)'),
-    _train('train_interpolation', '--train-interpolation', '--train_interpolation', default='bicubic', families=IMAGES),
+    _train('train_interpolation', '--train-interpolation', '--train_interpolation', default='bicubic',
+           choices=INTERPOLATIONS + ('random',), families=IMAGES, help='training resize filter (random: one per image)'),
     _train('scale', '--scale', type=float, nargs=2, range=SHARE, default=[0.08, 1.0], families=IMAGES),
     _train('ratio', '--ratio', type=float, nargs=2, range=POSITIVE, default=[3. / 4., 4. / 3.], families=IMAGES),
     _train('hflip', '--hflip', type=float, range=PROBABILITY, default=0.5),

@@ -328,7 +328,11 @@ def run_folder_path(cfg):
         path = Path(cfg.resume).resolve().parent
     else:
         template = ('eval-' if cfg.eval and cfg.run_name else '') + cfg.run_name
-        name = Path(template.format(**cfg.to_dict(), date=datetime.datetime.now().strftime('%Y%m%d-%H%M%S')))
+        try:
+            name = Path(template.format(**cfg.to_dict(), date=datetime.datetime.now().strftime('%Y%m%d-%H%M%S')))
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
+            raise RunFolderError(f'--run-name {cfg.run_name!r} cannot be filled in ({type(exc).__name__}: {exc}): it '
+                                 'takes option names in braces, such as {model}, {batch_size} and {date}') from None
         if name.is_absolute() or '..' in name.parts:
             raise RunFolderError(f'--run-name {cfg.run_name!r} gives {name}, outside --output ({cfg.output}): a run '
                                  'name makes folders inside --output; to write the run elsewhere, pass --output DIR')

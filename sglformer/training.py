@@ -21,8 +21,8 @@ from .build import EXPECTED_ERRORS, build_model, load_weights, resolve_device
 from .checkpoint import optimizer_state, resume_state
 from .config import COMMAND_LINE, ConfigError, check, parse_args
 from .data import build_datasets, build_eval_batches, build_train_batches, dataset_family
-from .distributed import barrier, default_device, init_distributed, shutdown, stall_watch
-from .files import write_atomically, writing
+from .distributed import barrier, init_distributed, shutdown, stall_watch
+from .files import write_file
 from .logs import setup_logging
 from .neuron import SPIKINGJELLY_VERSION, choose_neuron
 from .optim import Schedule, absolute_lr, build_optimizer
@@ -90,7 +90,7 @@ def _without_weights(flags):
 def run(cfg):
     command = 'eval' if cfg.eval else 'train'
     check(cfg, command, dataset_family(cfg.dataset))
-    dist = init_distributed(torch.device(cfg.device or default_device()).type, cfg.dist_timeout)
+    dist = init_distributed(resolve_device(cfg.device).type, cfg.dist_timeout)
     setup_logging(dist.is_main)
     cfg = resolve(cfg, dist)
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
@@ -186,6 +186,7 @@ def restore(trainer, checkpoint, cfg):
 
 
 def train(cfg, model, dist):
+    path = run_folder_path(cfg)  # in every process: a name it cannot have ends them all before the data is built
     checkpoint = load_weights(model, cfg.resume) if cfg.resume else None
     if cfg.initial_checkpoint:
         load_weights(model, cfg.initial_checkpoint, fine_tune=True)
@@ -197,7 +198,7 @@ def train(cfg, model, dist):
     start_epoch = restore(trainer, checkpoint, cfg)
     if not dist.is_main:
         return fit(cfg, trainer, train_batches, eval_batches, None, start_epoch)
-    with RunFolder.open(run_folder_path(cfg), cfg.checkpoint_format, cfg, num_epochs=trainer.schedule.num_epochs,
+    with RunFolder.open(path, cfg.checkpoint_format, cfg, num_epochs=trainer.schedule.num_epochs,
                         resume_from=cfg.resume, checkpoint=checkpoint, checkpoint_hist=cfg.checkpoint_hist,
                         log_dir=cfg.log_dir) as folder:
         _logger.info('run folder %s; %d training and %d evaluation samples; epochs %d to %d', folder.path,
@@ -267,6 +268,7 @@ def evaluate_checkpoint(cfg, model, dist):
     """``--eval``: the accuracy of a checkpoint's weights, printed and written to eval.json; with
     ``--compare-per-image-neurons`` also with the other neuron mode of the ImageNet models."""
     path = cfg.resume or cfg.initial_checkpoint
+    folder = run_folder_path(cfg)
     trained = getattr(load_weights(model, path).get('args'), 'time_step', None)
     if trained is not None and trained != cfg.time_step:  # the ImageNet models have no weights that depend on T
         _logger.warning('%s was trained with T=%d; evaluating it with T=%d', path, trained, cfg.time_step)
@@ -287,10 +289,8 @@ def evaluate_checkpoint(cfg, model, dist):
                       per_image_neurons=cfg.per_image_neurons)
         if len(modes) > 1:
             record['other_neurons'] = results[not cfg.per_image_neurons]
-        result = _unused_path(run_folder_path(cfg) / 'eval.json')
-        text = (json.dumps(record, indent=2) + '\n').encode()
-        with writing(result, len(text)):
-            write_atomically(result, lambda f: f.write(text))
+        result = _unused_path(folder / 'eval.json')
+        write_file(result, (json.dumps(record, indent=2) + '\n').encode())
         _logger.info('%d samples evaluated; results in %s', metrics['images'], result)
     return metrics
 

@@ -20,7 +20,7 @@ needs_memopt = pytest.mark.skipif(spikingjelly_memopt() is None, reason='memopt 
 
 
 def test_bench_command_writes_json(tmp_path, capsys):
-    path = tmp_path / 'bench.json'
+    path = tmp_path / 'results' / 'bench.json'  # the folder is made
     bench.main(SMALL + ['--neuron', 'spikingjelly,fused', '--json', str(path)])
     report = json.loads(path.read_text())
     assert [row['neuron'] for row in report['results']] == ['spikingjelly', 'fused']
@@ -32,6 +32,18 @@ def test_bench_command_writes_json(tmp_path, capsys):
         assert row['exact'] and row['grad_abs_diff'] == 0.0 and row['loss_abs_diff'] == 0.0
     out = capsys.readouterr().out
     assert '| spikingjelly | torch |' in out and '| fused | fused |' in out and out.count('| exact |') == 2
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--device', 'gpu0'], "--device 'gpu0' is not a device name"),
+    (['--num-heads', '5'], 'sglformer_cifar10 cannot be built with these options (dim=48, num_heads=5, time_step=1)'),
+    (['--json', '/proc/no/bench.json'], 'could not write /proc/no/bench.json'),
+])
+def test_bad_input_is_one_line(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(SMALL + ['--neuron', 'fused'] + flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and 'Traceback' not in err
 
 
 def test_compare_reports_how_far_a_variant_is_off():

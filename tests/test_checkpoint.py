@@ -92,6 +92,18 @@ def test_wrong_variant_lists_the_problem_keys(tmp_path, trained):
     assert '+' in str(err.value) and 'more' in str(err.value)
 
 
+def test_t_is_named_only_where_t_alone_differs(tmp_path):
+    dvs = timm.create_model('sglformer_dvs128gesture', embed_dims=48, num_heads=4, T=2)
+    torch.save(dvs.state_dict(), tmp_path / 'gesture.pth')
+    at_other_t = timm.create_model('sglformer_dvs128gesture', embed_dims=48, num_heads=4, T=3)
+    with pytest.raises(CheckpointError, match='trained with T=2 time steps and this model has T=3'):
+        load_checkpoint(at_other_t, tmp_path / 'gesture.pth')
+    other_variant = timm.create_model('sglformer_cifar10dvs', embed_dims=48, num_heads=4, T=3)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(other_variant, tmp_path / 'gesture.pth')
+    assert 'does not fit' in str(err.value) and 'head.weight' in str(err.value) and 'T=' not in str(err.value)
+
+
 def test_non_strict_loads_the_overlap(tmp_path, trained):
     state = trained.state_dict()
     del state['head.weight']

@@ -52,6 +52,12 @@ def test_a_yaml_value_out_of_range_names_the_file(tmp_path):
         check(parse_args(['-c', str(config)], None), 'train', 'cifar')
 
 
+@pytest.mark.parametrize('name, words', [('missing.yml', 'missing.yml not found'), ('.', 'is a folder')])
+def test_a_config_path_that_is_no_file_is_an_error(tmp_path, name, words):
+    with pytest.raises(ConfigError, match=words):
+        parse_args(['-c', str(tmp_path / name)], None)
+
+
 def test_empty_yaml_file_is_an_error(tmp_path):
     empty = tmp_path / 'empty.yml'
     empty.write_text('# nothing but a comment\n')
@@ -82,10 +88,21 @@ def test_partial_yaml_file_takes_the_table_defaults(tmp_path):
     ('cifar10', ['--resume', 'a.pth', '--initial-checkpoint', 'b.pth'], 'both resume and initial_checkpoint'),
     ('cifar10-dvs', ['--T', '16', '--T_train', '8'], "'T_train' 8 with T 16"),
     ('cifar10', ['-b', '15'], "'batch_size' must be even with mixup"),
+    ('cifar10', ['--cutmix-minmax', '0.9', '0.1'], "'cutmix_minmax' is a (min, max) range, got"),
+    ('imagenet', ['--scale', '1', '0.5'], "'scale' is a (min, max) range"),
+    ('imagenet', ['--ratio', '1.5', '0.5'], "'ratio' is a (min, max) range"),
 ])
 def test_options_that_would_be_ignored_are_refused(folder, argv, words):
     with pytest.raises(ConfigError, match=words.replace('(', r'\(').replace(')', r'\)')):
         checked(folder, *argv)
+
+
+def test_a_yaml_file_for_another_schedule_is_not_refused_for_halfcos(caplog):
+    with caplog.at_level(logging.WARNING, logger='sglformer'):
+        cfg = checked('cifar10', '--sched', 'halfcos')
+    assert cfg.sched == 'halfcos' and sorted(r.getMessage().split("'")[1] for r in caplog.records) == [
+        'cooldown_epochs', 'warmup_lr']
+    assert all('cifar10.yml) has no effect with sched halfcos' in r.getMessage() for r in caplog.records)
 
 
 def test_an_evaluation_warns_once_about_training_flags_as_the_authors_scripts_ignore_them(caplog):

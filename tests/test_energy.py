@@ -257,7 +257,7 @@ def trained_small_cifar():
 
 @pytest.mark.usefixtures('restore_logging')
 def test_command_writes_json_and_png(tmp_path, capsys):
-    out_json, out_png = tmp_path / 'energy.json', tmp_path / 'rates.png'
+    out_json, out_png = tmp_path / 'reports' / 'energy.json', tmp_path / 'plots' / 'rates.png'  # folders made
     main(SMALL_CIFAR + ['--batches', '2', '--batch-size', '1', '--json', str(out_json), '--png', str(out_png)])
     report = json.loads(out_json.read_text())
     assert report['model'] == 'sglformer_cifar10' and report['images'] == 2 and report['time_steps'] == 2
@@ -355,7 +355,12 @@ def test_command_refuses_weights_that_do_not_fit_or_are_unsafe(tmp_path, capsys)
     (SMALL_CIFAR + ['--input', 'x.pt', '--seed', '3'], "'seed' (on the command line) only acts when the report reads "
                                                        'synthetic inputs, and it reads an --input file'),
     (SMALL_CIFAR + ['--input', 'x.pt', '--data-dir', 'data'], '--input and --data-dir both name the inputs'),
-    (SMALL_CIFAR + ['--input', 'missing.pt'], '--input missing.pt: no such file'),
+    (SMALL_CIFAR + ['--input', 'missing.pt'], '--input missing.pt: No such file or directory'),
+    (SMALL_CIFAR + ['--input', '.'], '--input .: Is a directory'),
+    (SMALL_CIFAR + ['--input', str(REPO_ROOT / 'README.md')], 'README.md is not a torch.save file of one tensor'),
+    (SMALL_CIFAR + ['--device', 'gpu0'], "--device 'gpu0' is not a device name: use cpu, cuda or cuda:N"),
+    (SMALL_CIFAR + ['--mlp-ratio', '0.01'], 'leaves the MLP no hidden channels'),
+    (SMALL_CIFAR + ['--json', '/proc/no/report.json'], 'could not write /proc/no/report.json'),
     (SMALL_CIFAR + ['--data-dir', 'data'], '-c cifar10/cifar10.yml'),
     (SMALL_CIFAR + ['--batches', '0'], '--batches must be at least 1, got 0'),
     (SMALL_CIFAR + ['--e-mac', '-1'], '--e-mac is an energy in pJ and must be a finite number >= 0'),
@@ -367,7 +372,8 @@ def test_bad_input_is_one_clear_error(tmp_path, monkeypatch, capsys, argv, messa
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and 'Traceback' not in err
 
 
 @pytest.mark.usefixtures('restore_logging')

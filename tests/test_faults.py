@@ -148,6 +148,22 @@ def test_bad_timm_names_are_one_line(tmp_path, cifar, capsys, flags, words):
     assert words in line and not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize('flags, words', [
+    (['--device', 'gpu0'], "--device 'gpu0' is not a device name: use cpu, cuda or cuda:N"),
+    (['--device', 'mps'], '--device mps: SGLFormer runs on cpu or cuda devices'),
+    (['--interpolation', 'cubic'], "argument --interpolation: invalid choice: 'cubic'"),
+    (['--train-interpolation', 'cubic'], "invalid choice: 'cubic'"),
+    (['--run-name', '{modle}-{date}'], "--run-name '{modle}-{date}' cannot be filled in (KeyError: 'modle')"),
+    (['--run-name', '{model'], 'cannot be filled in (ValueError'),
+    (['--mlp-ratio', '0.01'], 'mlp_ratio 0.01 x dim 48 leaves the MLP no hidden channels'),
+])
+def test_names_and_sizes_that_cannot_work_are_one_line_before_anything_is_written(tmp_path, cifar, capsys, flags,
+                                                                                  words):
+    line = one_line_error(capsys, 'cifar10', '--data-dir', str(cifar / 'c10'), *SMALL, '--epochs', '1', *flags,
+                          '--output', str(tmp_path / 'out'))
+    assert words in line and not any(tmp_path.iterdir())
+
+
 def test_labels_beyond_the_classifier_are_refused_before_training(tmp_path, cifar, capsys):
     line = one_line_error(capsys, 'cifar100', '--data-dir', str(cifar / 'c100'), *SMALL, '--epochs', '1',
                           '--num-classes', '10', '--output', str(tmp_path))
