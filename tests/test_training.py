@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader, Subset
 from conftest import FOLDER_MODELS, REPO_ROOT, assert_resumed_equals_straight, crash_at_epoch, free_port
 from conftest import train_script as train
 from sglformer import engine, training
+from sglformer.build import resolve_device
 from sglformer.checkpoint import read_checkpoint
-from sglformer.config import Config, check, parse_args
+from sglformer.config import Config, ConfigError, check, parse_args
 from sglformer.data import build_datasets, build_train_batches
 from sglformer.distributed import DistInfo
 from sglformer.neuron import NeuronChoice
@@ -145,6 +146,15 @@ def test_each_folder_runs_in_the_authors_precision_and_gpu_settings(monkeypatch,
     assert (on_cpu.amp, on_cpu.eval_amp, on_cpu.pin_mem) == (False, False, False)
     asked = training.resolve(parse_args(['--device', 'cpu', '--amp'], recipe), DistInfo())
     assert (asked.amp, asked.eval_amp) == (amp, eval_amp)
+
+
+def test_each_process_of_a_multi_gpu_run_takes_its_own_gpu_and_a_missing_one_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert resolve_device('cuda:1') == torch.device('cuda', 1)
+    assert resolve_device('cuda', DistInfo(rank=3, world_size=4, local_rank=1)) == torch.device('cuda', 1)
+    with pytest.raises(ConfigError, match='this machine has 2 CUDA devices, cuda:0 to cuda:1'):
+        resolve_device('cuda:2')
 
 
 def test_training_and_evaluation_take_their_own_precision(monkeypatch):
