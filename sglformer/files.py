@@ -54,10 +54,10 @@ def write_atomically(path, write):
     sync_folder(path.parent)
 
 
-def write_file(path, data: bytes):
+def write_file(path, data: bytes, advice=None):
     """``data`` written to ``path`` (its folders made) by :func:`write_atomically`; a failure is one
-    :class:`WriteError`."""
-    with writing(path, len(data)):
+    :class:`WriteError` (``advice``: what to do when the disk is full)."""
+    with writing(path, len(data), advice):
         write_atomically(path, lambda f: f.write(data))
 
 

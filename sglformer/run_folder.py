@@ -26,7 +26,7 @@ import yaml
 
 from .checkpoint import checkpoint_layout, ranked, read_checkpoint, resume_state, save_checkpoint
 from .config import COMMAND_LINE
-from .files import append_durably, check_unlocked, link_atomically, lock_folder, unlock_folder, write_atomically, writing
+from .files import append_durably, check_unlocked, link_atomically, lock_folder, unlock_folder, write_file, writing
 
 _logger = logging.getLogger(__name__)
 
@@ -114,12 +114,13 @@ class RunFolder:
 
     def writing(self, path, needed=None):
         """:func:`sglformer.files.writing` with the advice for a full disk that fits this run."""
+        return writing(path, needed, self._full_disk_advice())
+
+    def _full_disk_advice(self):
         if self.last.exists():
-            advice = ("the run folder's earlier files are intact: free some space (or choose another --output) and "
-                      f'resume with --resume {self.last}')
-        else:
-            advice = 'nothing was saved yet: free some space (or choose another --output) and run the same command again'
-        return writing(path, needed, advice)
+            return ("the run folder's earlier files are intact: free some space (or choose another --output) and "
+                    f'resume with --resume {self.last}')
+        return 'nothing was saved yet: free some space (or choose another --output) and run the same command again'
 
     def log_epoch(self, row, extra=None):
         """One row of ``summary.csv``, one JSON line of ``log.txt`` and the TensorBoard scalars; call it
@@ -290,9 +291,7 @@ class RunFolder:
                              ', '.join(f'{k} {old} -> {new}' for k, (old, new) in changed.items()))
             changes = first.get('changes', []) + ([dict(epoch=resumed_at, **changed)] if changed else [])
             recorded.update({'changes': changes} if changes else {})
-        text = yaml.safe_dump(recorded, sort_keys=True).encode()
-        with self.writing(target, needed=len(text)):
-            write_atomically(target, lambda f: f.write(text))
+        write_file(target, yaml.safe_dump(recorded, sort_keys=True).encode(), self._full_disk_advice())
 
     def _open_writer(self, log_dir, purge_step):
         """TensorBoard; a resumed run hides the events a crashed one wrote after its checkpoint (purge_step)."""
@@ -310,9 +309,7 @@ class RunFolder:
             return
         if len(kept) < len(rows):
             _logger.info('%s: left out %d rows after epoch %d', target, len(rows) - len(kept), epoch)
-        text = ''.join(head + kept).encode('utf-8')
-        with self.writing(target, needed=len(text)):
-            write_atomically(target, lambda f: f.write(text))
+        write_file(target, ''.join(head + kept).encode('utf-8'), self._full_disk_advice())
 
 
 def run_folder_path(cfg):
